@@ -1,0 +1,27 @@
+"""The callbacks bound to ``pytorch_lightning``.
+
+Import them from ``lightning_soup``; the ``lightning.pytorch`` flavour is ``lightning_soup.lightning``.
+Both flavours share one implementation in lightning_soup.callbacks, and their checkpoints resume in either
+package (the state keys are the class names).
+"""
+
+import pytorch_lightning as pl
+
+from lightning_soup.callbacks.averaging import _CheckpointAveraging
+from lightning_soup.callbacks.blend import _TaskArithmeticBlend
+from lightning_soup.callbacks.greedy_soup import _GreedySoup
+from lightning_soup.errors import SoupError
+
+__all__ = ["CheckpointAveraging", "GreedySoup", "SoupError", "TaskArithmeticBlend"]
+
+
+class CheckpointAveraging(_CheckpointAveraging, pl.Callback):
+    __doc__ = _CheckpointAveraging.__doc__
+
+
+class GreedySoup(_GreedySoup, pl.Callback):
+    __doc__ = _GreedySoup.__doc__
+
+
+class TaskArithmeticBlend(_TaskArithmeticBlend, pl.Callback):
+    __doc__ = _TaskArithmeticBlend.__doc__
