@@ -1,0 +1,143 @@
+"""Rendering for the callbacks' end-of-fit summaries: pure functions that return rich tables and matplotlib figures.
+
+The callbacks print or save what these return (on rank zero), so rendering is testable without a ``Trainer``.
+matplotlib is an optional extra (``pip install lightning-soup[plot]``): the figure functions import it lazily and
+raise ImportError without it. Figures are built on the Agg canvas, never through ``pyplot``'s global state.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+# ------------------------------------------------------------------------------------------ TaskArithmeticBlend
+
+
+def blend_table(
+    candidates: Sequence[Mapping[str, Any]],
+    *,
+    chosen: int,
+    monitor: str | None = None,
+    constraint: Sequence[str] = (),
+    anchor: str = "",
+) -> Table:
+    """One row per blend ratio with every metric it was evaluated on; the chosen row marked.
+
+    Args:
+        candidates: ``{"ratio": float, "metrics": {name: value}, "meets_constraint": bool | None}`` per ratio.
+        chosen: index of the chosen candidate.
+        monitor: the metric that ranked the candidates (shown first).
+        constraint: the constraint's bounds as text, for the caption.
+        anchor: what the blend moved toward, for the title.
+
+    Example:
+        >>> table = blend_table([{"ratio": 0.5, "metrics": {"val/acc": 0.9}, "meets_constraint": None}], chosen=0)
+        >>> table.row_count
+        1
+    """
+    names: list[str] = [] if monitor is None else [monitor]
+    for candidate in candidates:
+        names += [n for n in candidate.get("metrics", {}) if n not in names]
+    title = "TaskArithmeticBlend" + (f" toward {anchor}" if anchor else "")
+    caption = []
+    if monitor is not None:
+        caption.append(f"ranked by {monitor}")
+    if constraint:
+        caption.append("subject to " + ", ".join(constraint))
+    table = Table(title=title, caption="; ".join(caption) or None)
+    table.add_column("ratio", justify="right")
+    for name in names:
+        table.add_column(name, justify="right", style="bold" if name == monitor else None)
+    if constraint:
+        table.add_column("constraint", justify="center")
+    table.add_column("chosen", justify="center")
+    for i, candidate in enumerate(candidates):
+        metrics = candidate.get("metrics", {})
+        row = [_fmt(float(candidate["ratio"]))] + [_fmt(metrics.get(name)) for name in names]
+        if constraint:
+            met = candidate.get("meets_constraint")
+            row.append("—" if met is None else ("[green]✓[/]" if met else "[red]✗[/]"))
+        row.append("[bold green]◀[/]" if i == chosen else "")
+        table.add_row(*row, style="on grey15" if i == chosen else None)
+    return table
+
+
+def blend_figure(
+    candidates: Sequence[Mapping[str, Any]],
+    *,
+    chosen: int,
+    metrics: Sequence[str],
+    bounds: Sequence[tuple[str, str, float]] = (),
+) -> Figure:
+    """Each metric against the blend ratio, one panel per metric; the chosen ratio and the thresholds drawn.
+
+    Args:
+        candidates: ``{"ratio": float, "metrics": {name: value}}`` per ratio.
+        chosen: index of the chosen candidate.
+        metrics: the metrics to draw (the monitored one, then the constrained ones).
+        bounds: ``(metric, op, threshold)`` constraint bounds; each threshold is drawn on its metric's panel with
+            the infeasible side shaded.
+
+    Raises:
+        ImportError: matplotlib is not installed.
+
+    Example:
+        >>> rows = [{"ratio": r, "metrics": {"val/acc": r}} for r in (0.0, 0.5, 1.0)]
+        >>> figure = blend_figure(rows, chosen=1, metrics=["val/acc"], bounds=[("val/acc", ">=", 0.25)])
+        >>> len(figure.axes)
+        1
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    metrics = list(dict.fromkeys(metrics)) or ["(none)"]
+    order = sorted(range(len(candidates)), key=lambda i: float(candidates[i]["ratio"]))
+    ratios = [float(candidates[i]["ratio"]) for i in order]
+    figure = Figure(figsize=(6.0, 1.0 + 2.2 * len(metrics)), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(metrics), 1, sharex=True, squeeze=False)[:, 0]
+    chosen_ratio = float(candidates[chosen]["ratio"])
+    for ax, name in zip(axes, metrics):
+        values = [_as_float(candidates[i].get("metrics", {}).get(name)) for i in order]
+        ax.plot(ratios, values, marker="o", color="C0", label=name)
+        ax.axvline(chosen_ratio, color="C2", linestyle="--", label=f"chosen ratio {chosen_ratio:g}")
+        chosen_value = _as_float(candidates[chosen].get("metrics", {}).get(name))
+        if math.isfinite(chosen_value):
+            ax.plot([chosen_ratio], [chosen_value], marker="*", markersize=14, color="C2", zorder=3)
+        for metric, op, threshold in bounds:
+            if metric != name:
+                continue
+            ax.axhline(threshold, color="C3", linestyle=":", label=f"{metric}{op}{threshold:g}")
+            lo, hi = ax.get_ylim()
+            lo, hi = min(lo, threshold), max(hi, threshold)
+            # Shade the side of the threshold the constraint rules out.
+            if op in (">=", ">"):
+                ax.axhspan(lo, threshold, color="C3", alpha=0.08)
+            else:
+                ax.axhspan(threshold, hi, color="C3", alpha=0.08)
+            ax.set_ylim(lo, hi)
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("blend ratio (0 = anchor, 1 = trained weights)")
+    figure.suptitle("TaskArithmeticBlend: metrics against the blend ratio")
+    return figure
+
+
+def _as_float(value: Any) -> float:
+    return math.nan if value is None else float(value)
