@@ -141,3 +141,35 @@ def blend_figure(
 
 def _as_float(value: Any) -> float:
     return math.nan if value is None else float(value)
+
+
+# ------------------------------------------------------------------------------------------ CheckpointAveraging
+
+
+def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
+    """What ``CheckpointAveraging`` averaged: one row per snapshot in the window, oldest first.
+
+    Args:
+        recipe: the averaging recipe (``window``, the schedule, ``averaged``: ``{"epoch", "global_step"}`` rows,
+            ``snapshots_taken``).
+        path: where the average was written, for the caption.
+
+    Example:
+        >>> recipe = {"window": 2, "every_n_epochs": 1, "every_n_train_steps": None, "snapshots_taken": 3,
+        ...           "averaged": [{"epoch": 1, "global_step": 12}, {"epoch": 2, "global_step": 18}]}
+        >>> averaging_table(recipe, "soup/average.safetensors").row_count
+        2
+    """
+    rows = list(recipe.get("averaged", []))
+    steps = recipe.get("every_n_train_steps")
+    schedule = f"every {steps} optimizer steps" if steps else f"every {recipe.get('every_n_epochs', 1)} epoch(s)"
+    taken = recipe.get("snapshots_taken", len(rows))
+    title = f"CheckpointAveraging: mean of the last {len(rows)} of {taken} snapshots ({schedule})"
+    caption = f"window={recipe.get('window')}" + (f"; written to {path}" if path is not None else "")
+    table = Table(title=title, caption=caption)
+    table.add_column("#", justify="right")
+    table.add_column("epoch", justify="right")
+    table.add_column("global step", justify="right")
+    for i, row in enumerate(rows):
+        table.add_row(str(i + 1), _fmt(row.get("epoch")), _fmt(row.get("global_step")))
+    return table
