@@ -1,0 +1,1 @@
+"""Implementation of :mod:`lightning_soup.storage`; import the public names from there."""
