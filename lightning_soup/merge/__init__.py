@@ -1,0 +1,35 @@
+"""The functional core: pure functions over state dicts (``Mapping[str, Tensor]``).
+
+Every function checks that its inputs are compatible before any arithmetic, never modifies them, accumulates in
+float32 or better, returns each floating tensor in the dtype and on the device of the tensor it replaces, copies
+non-floating tensors (integer buffers) instead of averaging them, and works key by key, so merging one key at a
+time gives the same result as merging whole state dicts. Problems raise :class:`lightning_soup.SoupError`.
+
+Example:
+    >>> import torch
+    >>> from lightning_soup.merge import interpolate, uniform_soup
+    >>> a, b = {"w": torch.tensor([0.0, 4.0])}, {"w": torch.tensor([2.0, 0.0])}
+    >>> uniform_soup([a, b])
+    {'w': tensor([1., 2.])}
+    >>> interpolate(a, b, 0.25)
+    {'w': tensor([0.5000, 3.0000])}
+"""
+
+from lightning_soup.merge.average import uniform_soup, weighted_average
+from lightning_soup.merge.dare import dare
+from lightning_soup.merge.greedy import greedy_soup
+from lightning_soup.merge.slerp import slerp
+from lightning_soup.merge.task_arithmetic import interpolate, task_arithmetic, task_vector
+from lightning_soup.merge.ties import ties
+
+__all__ = [
+    "dare",
+    "greedy_soup",
+    "interpolate",
+    "slerp",
+    "task_arithmetic",
+    "task_vector",
+    "ties",
+    "uniform_soup",
+    "weighted_average",
+]
