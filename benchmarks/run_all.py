@@ -1,0 +1,134 @@
+"""Run every benchmark in this folder and write one results table.
+
+Each ``bench_*.py`` script accepts ``--json OUT`` and writes its figures there; this script runs them one after
+another (never in parallel: they time each other's memory bandwidth), then writes ``benchmarks/RESULTS.md`` with the
+machine, the versions and every figure, and prints it.
+
+    python benchmarks/run_all.py                      # everything, default sizes
+    python benchmarks/run_all.py --quick              # reduced sizes (a smoke run, numbers not for quoting)
+    python benchmarks/run_all.py --only merge averaging --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+# Extra arguments per benchmark for --quick runs (smaller sizes, fewer repeats).
+QUICK_ARGS: dict[str, list[str]] = {
+    "merge": ["--size-gb", "0.1", "--repeats", "2"],
+    "averaging": ["--quick"],
+    "greedy_soup": ["--quick"],
+    "cli_memory": ["--quick"],
+    "mergekit": ["--quick"],
+}
+
+
+def _machine() -> dict[str, str]:
+    import torch
+
+    info = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": str(os.cpu_count()),
+    }
+    try:
+        import pytorch_lightning
+
+        info["pytorch_lightning"] = pytorch_lightning.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    elif isinstance(value, list) and all(isinstance(v, dict) for v in value):
+        for i, v in enumerate(value):
+            label = v.get("name") or v.get("op") or v.get("case") or str(i)
+            _flatten(f"{prefix}[{label}]", {k: x for k, x in v.items() if k not in ("name", "op", "case")}, out)
+    else:
+        out[prefix] = value
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def render(machine: dict[str, str], results: dict[str, Any]) -> str:
+    """The markdown results table: one section per benchmark, one row per figure."""
+    lines = ["# Benchmark results", "", "Written by `python benchmarks/run_all.py`.", ""]
+    lines += ["| machine | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in machine.items()] + [""]
+    for name, data in results.items():
+        lines += [f"## {name}", ""]
+        if isinstance(data, dict) and "error" in data:
+            lines += [f"failed: `{data['error']}`", ""]
+            continue
+        flat: dict[str, Any] = {}
+        _flatten("", data, flat)
+        lines += ["| figure | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in flat.items()] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="reduced sizes; a smoke run")
+    parser.add_argument("--only", nargs="*", help="benchmark names (bench_NAME.py) to run")
+    parser.add_argument("--device", default=None, help="passed to benchmarks that take --device")
+    parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown results file")
+    args = parser.parse_args(argv)
+
+    scripts = sorted(HERE.glob("bench_*.py"))
+    names = [s.stem.removeprefix("bench_") for s in scripts]
+    if args.only:
+        unknown = sorted(set(args.only) - set(names))
+        if unknown:
+            parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
+        scripts = [s for s, n in zip(scripts, names) if n in args.only]
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for script in scripts:
+            name = script.stem.removeprefix("bench_")
+            out = Path(tmp) / f"{name}.json"
+            cmd = [sys.executable, str(script), "--json", str(out)]
+            if args.quick:
+                cmd += QUICK_ARGS.get(name, [])
+            if args.device and "--device" in script.read_text():
+                cmd += ["--device", args.device]
+            print(f"$ {' '.join(cmd)}", flush=True)
+            start = time.perf_counter()
+            proc = subprocess.run(cmd, cwd=HERE.parent)
+            if proc.returncode != 0 or not out.exists():
+                results[name] = {"error": f"exit code {proc.returncode}"}
+            else:
+                results[name] = json.loads(out.read_text())
+            print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
+
+    text = render(_machine(), results)
+    Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0 if all(not (isinstance(r, dict) and "error" in r) for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
