@@ -302,6 +302,29 @@ def test_existing_sharded_output_is_replaced_whole(tmp_path: Path) -> None:
     assert _files(tmp_path) == ["s"]  # no temporary or set-aside folder left
 
 
+def test_files_and_sharded_folders_replace_each_other(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    storage.save_state_dict({"w": torch.zeros(3)}, out)  # a file named "out"
+    storage.save_state_dict({"w": torch.ones(3)}, out, shard_size=100)
+    assert out.is_dir() and torch.equal(storage.load_state_dict(out)["w"], torch.ones(3))
+    storage.save_state_dict({"w": torch.full((3,), 2.0)}, out)
+    assert out.is_file() and torch.equal(safetensors.torch.load_file(out)["w"], torch.full((3,), 2.0))
+    assert _files(tmp_path) == ["out"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").exists(), reason="needs Linux /proc/self/fd")
+def test_sharded_writer_keeps_only_the_shard_being_filled_open(tmp_path: Path) -> None:
+    specs = {f"w{i}": (torch.float32, (16,)) for i in range(40)}  # 64 bytes each: 40 shards of 64 bytes
+    baseline = len(os.listdir("/proc/self/fd"))
+    peak = 0
+    with storage.SafetensorsWriter(tmp_path / "s", specs, shard_size=64) as writer:
+        for key in specs:
+            writer.write(key, torch.zeros(16))
+            peak = max(peak, len(os.listdir("/proc/self/fd")) - baseline)
+    assert peak <= 1
+    assert len(_files(tmp_path / "s")) == 41
+
+
 def test_a_folder_with_other_files_is_never_replaced(tmp_path: Path) -> None:
     precious = tmp_path / "my_project"
     precious.mkdir()
@@ -724,6 +747,21 @@ def test_remove_stale_temp_files_removes_only_dead_writers_temps(tmp_path: Path)
     assert sorted(removed) == sorted(stale)
     assert _files(tmp_path) == sorted([p.name for p in kept] + ["live.json"])
     assert storage.remove_stale_temp_files(tmp_path / "missing") == []
+
+
+def test_a_folder_set_aside_by_a_killed_writer_is_put_back(tmp_path: Path) -> None:
+    dead = _dead_pid()
+    aside = tmp_path / f".soup.old-{dead}-0123abcd"  # the previous sharded output, moved aside mid-replacement
+    storage.save_state_dict({"w": torch.ones(2)}, aside, shard_size=100)
+    new = tmp_path / f".soup.tmp-{dead}-89abcdef"  # the new output, never renamed into place
+    storage.save_state_dict({"w": torch.zeros(2)}, new, shard_size=100)
+    assert storage.remove_stale_temp_files(tmp_path) == [new]
+    assert _files(tmp_path) == ["soup"] and torch.equal(storage.load_state_dict(tmp_path / "soup")["w"], torch.ones(2))
+    # when the new version did arrive, the old one is simply deleted
+    stale_old = tmp_path / f".soup.old-{dead}-fedcba98"
+    storage.save_state_dict({"w": torch.ones(2)}, stale_old, shard_size=100)
+    assert storage.remove_stale_temp_files(tmp_path) == [stale_old]
+    assert _files(tmp_path) == ["soup"]
 
 
 def test_sha256_of_files_and_sharded_folders(tmp_path: Path) -> None:

@@ -21,7 +21,8 @@ from typing import Any
 
 from lightning_soup.errors import SoupError
 
-_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})(?:\.[^.]*)?$")
+# ".tmp-": a file being written; ".old-": a previous version set aside while a folder takes its place.
+_TEMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-(?P<tag>[0-9a-f]{8})(?:\.[^.]*)?$")
 _DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 # Names of the temporaries this process is writing right now (unique: they carry the pid and a random tag);
@@ -34,9 +35,9 @@ def is_temp_name(name: str) -> bool:
     return _TEMP_RE.match(name) is not None
 
 
-def new_temp_path(final: Path) -> Path:
+def new_temp_path(final: Path, kind: str = "tmp") -> Path:
     """A fresh temporary path next to ``final``, registered as in use until :func:`release` is called."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{final.suffix}")
+    tmp = final.with_name(f".{final.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}{final.suffix}")
     with _active_lock:
         _active.add(tmp.name)
     return tmp
@@ -107,21 +108,23 @@ def _replaceable_folder(path: Path) -> bool:
 def commit(tmp: Path, final: Path) -> None:
     """Move the finished, fsynced ``tmp`` (file or folder) to ``final`` and make the rename durable.
 
-    A file replaces ``final`` atomically. A folder cannot be renamed over an existing one in one step, so an
-    existing sharded checkpoint folder is first moved aside under a temporary name, then deleted; folders holding
-    anything but safetensors files and index json are never replaced.
+    A file replaces a file atomically. Renaming cannot swap a folder with anything in one step, so when a folder
+    is involved an existing ``final`` is first moved aside under a temporary name, ``tmp`` takes its place, and
+    the old one is deleted; if the process dies between the two renames, :func:`remove_stale_temp_files` puts the
+    old version back. Folders holding anything but safetensors files and index json are never replaced.
 
     Raises:
         SoupError: ``final`` is a folder that is not a sharded checkpoint.
         OSError: the rename failed.
     """
-    if final.is_dir() and not final.is_symlink():
-        if not _replaceable_folder(final):
-            raise SoupError(
-                f"{final} is a folder with files other than safetensors shards; refusing to replace it. "
-                "Choose another output path or remove the folder yourself."
-            )
-        aside = new_temp_path(final)
+    final_is_dir = final.is_dir() and not final.is_symlink()
+    if final_is_dir and not _replaceable_folder(final):
+        raise SoupError(
+            f"{final} is a folder with files other than safetensors shards; refusing to replace it. "
+            "Choose another output path or remove the folder yourself."
+        )
+    if final_is_dir or (tmp.is_dir() and os.path.lexists(final)):
+        aside = new_temp_path(final, "old")
         try:
             os.replace(final, aside)
             try:
@@ -244,10 +247,12 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     Only names of our temporary form (``.<name>.tmp-<pid>-<8 hex>[.<suffix>]``) are considered, and among them only
     those whose writer is gone: another live process's temporaries are kept, and so are this process's own
     writes in flight. A temporary carrying this process's id but not in flight is stale (a restarted container
-    often reuses the same process id). Missing folders are fine.
+    often reuses the same process id). A previous version set aside while a sharded folder was being replaced
+    (``.<name>.old-...``) is moved back to ``<name>`` if nothing took its place, and deleted otherwise. Missing
+    folders are fine.
 
     Returns:
-        The paths removed.
+        The paths removed (not those moved back).
     """
     root = Path(folder).expanduser()
     try:
@@ -265,6 +270,13 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
         pid = int(m.group("pid"))
         if in_flight or (pid != me and _pid_alive(pid)):
             continue
+        original = root / m.group("name")
+        if m.group("kind") == "old" and not os.path.lexists(original):
+            try:
+                os.replace(child, original)
+                continue
+            except OSError:
+                pass
         remove(child)
         removed.append(child)
     return removed

@@ -81,10 +81,39 @@ def plan_shards(specs: Mapping[str, tuple[torch.dtype, tuple[int, ...]]], shard_
     return shards
 
 
+class _File:
+    """One output file. It is open only while it has tensors left to write, so a sharded writer holds as many
+    file handles as shards being filled (one or two when tensors come in order), not one per shard."""
+
+    __slots__ = ("handle", "path", "pending")
+
+    def __init__(self, path: Path, pending: int) -> None:
+        self.path, self.pending = path, pending
+        self.handle: BinaryIO | None = None
+
+    def put(self, offset: int, view: memoryview) -> None:
+        if self.handle is None:
+            self.handle = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - closed below or by close()
+        self.handle.seek(offset)
+        _format.write_all(self.handle, view)
+
+    def done_one(self) -> None:
+        """One more tensor written; once all are, the file is fsynced and closed."""
+        self.pending -= 1
+        if self.pending == 0 and self.handle is not None:
+            os.fsync(self.handle.fileno())
+            self.close()
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
 class _Slot:
     __slots__ = ("begin", "dtype", "file", "shape")
 
-    def __init__(self, file: BinaryIO, begin: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    def __init__(self, file: _File, begin: int, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
         self.file, self.begin, self.dtype, self.shape = file, begin, dtype, shape
 
 
@@ -143,7 +172,7 @@ class SafetensorsWriter:
         self._specs = _check_specs(specs)
         self._metadata = build_metadata(metadata, recipe)
         self._shard_size = None if shard_size is None else _format.parse_size(shard_size)
-        self._files: list[BinaryIO] = []
+        self._files: list[_File] = []
         self._slots: dict[str, _Slot] = {}
         self._pending = set(self._specs)
         self._weight_map: dict[str, str] = {}
@@ -168,13 +197,16 @@ class SafetensorsWriter:
             raise
 
     def _open_file(self, path: Path, keys: list[str]) -> None:
-        f: BinaryIO = open(path, "xb", buffering=0)  # noqa: SIM115 - closed in close()/_discard()
-        self._files.append(f)
         specs = {k: self._specs[k] for k in keys}
         header, offsets = _format.encode_header(specs, self._metadata)
-        _format.write_all(f, memoryview(header))
+        file = _File(path, len(keys))
+        self._files.append(file)
+        with open(path, "xb", buffering=0) as f:
+            _format.write_all(f, memoryview(header))
+            if not keys:
+                os.fsync(f.fileno())
         for key, (begin, _) in offsets.items():
-            self._slots[key] = _Slot(f, len(header) + begin, *specs[key])
+            self._slots[key] = _Slot(file, len(header) + begin, *specs[key])
 
     def write(self, key: str, tensor: Tensor) -> None:
         """Write ``tensor`` as ``key``: any device, layout or strides, exactly the dtype and shape of its spec.
@@ -197,13 +229,14 @@ class SafetensorsWriter:
             )
         owner, view = _format.tensor_bytes(tensor, key)
         try:
-            slot.file.seek(slot.begin)
-            _format.write_all(slot.file, view)
+            slot.file.put(slot.begin, view)
+            self._pending.discard(key)
+            slot.file.done_one()
         except OSError as e:
             self._discard()
             raise _atomic.os_error(e, self.path) from e
-        del owner, view
-        self._pending.discard(key)
+        finally:
+            del owner, view
 
     def close(self) -> Path:
         """Commit: fsync every file and rename the result to :attr:`path` atomically.
@@ -225,16 +258,14 @@ class SafetensorsWriter:
                 f"{self.path} was not written: {len(missing)} declared tensors were never written "
                 f"({_few(missing)}). Write every key in `specs`."
             )
-        try:
-            for f in self._files:
-                os.fsync(f.fileno())
-                f.close()
+        try:  # every file was fsynced and closed when its last tensor was written
             if self._shard_size is not None:
                 total = sum(_format.nbytes_of(*spec) for spec in self._specs.values())
                 index = {"metadata": {"total_size": total, **self._metadata}, "weight_map": self._weight_map}
                 text = _atomic.dumps(index, "The index", indent=2, sort_keys=True) + "\n"
                 (self._tmp / INDEX_NAME).write_text(text, encoding="utf-8")
-                _atomic.fsync_tree(self._tmp)
+                _atomic.fsync_file(self._tmp / INDEX_NAME)
+                _atomic.fsync_dir(self._tmp)
             _atomic.commit(self._tmp, self.path)
         except OSError as e:
             self._discard()
@@ -253,8 +284,8 @@ class SafetensorsWriter:
 
     def _discard(self) -> None:
         self._done, self._committed = True, False
-        for f in self._files:
-            f.close()
+        for file in self._files:
+            file.close()
         _atomic.remove(self._tmp)
         _atomic.release(self._tmp)
 
