@@ -1,0 +1,279 @@
+"""The merge commands of ``lightning-soup``: plan, check everything, hash the inputs, stream, commit.
+
+Each output tensor is ``merge_fn({key: tensor} per input)[key]`` with the very function of
+:mod:`lightning_soup.merge` that a Python user would call on whole state dicts: every merge function works key by
+key (DARE seeds its mask from (seed, model index, key)), so streaming changes nothing but the memory use.
+Nothing is written until every input has been opened and checked; the output is written through
+:class:`lightning_soup.storage.SafetensorsWriter` (temporary name, ``os.replace``), so a failure leaves no file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import shlex
+from argparse import Namespace
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_soup import _inspect, storage
+from lightning_soup._cli_io import (
+    Input,
+    Progress,
+    Timer,
+    device_of,
+    hash_inputs,
+    human_bytes,
+    note,
+    open_inputs,
+    prefetch,
+    wants_progress,
+)
+from lightning_soup.errors import SoupError
+
+MergeFn = Callable[[str, list[Tensor]], Tensor]
+
+
+@dataclass
+class Plan:
+    """What a command computes: its inputs with their roles, its parameters and the per-key merge."""
+
+    method: str
+    function: str
+    inputs: list[tuple[str, str]]  # (role, path)
+    parameters: dict[str, Any]
+    merge: MergeFn
+    #: extra checks of the parameters against the keys (before anything is read)
+    check: Callable[[Sequence[str]], None] | None = None
+
+
+def _first_match(key: str, patterns: Mapping[str, float]) -> str | None:
+    return next((p for p in patterns if fnmatch.fnmatchcase(key, p)), None)
+
+
+def make_plan(args: Namespace) -> Plan:
+    """Turn parsed arguments into a :class:`Plan` calling :mod:`lightning_soup.merge` on one key at a time."""
+    from lightning_soup import merge
+
+    command = args.command
+    if command == "average":
+        weights = args.weights
+        if weights is None:
+
+            def average(key: str, ts: list[Tensor]) -> Tensor:
+                return merge.uniform_soup([{key: t} for t in ts])[key]
+
+            return Plan(command, "uniform_soup", [("input", p) for p in args.inputs], {}, average)
+
+        def weighted(key: str, ts: list[Tensor]) -> Tensor:
+            return merge.weighted_average([{key: t} for t in ts], weights)[key]
+
+        return Plan(command, "weighted_average", [("input", p) for p in args.inputs], {"weights": weights}, weighted)
+
+    if command == "blend":
+        ratio, layer_ratios = args.ratio, dict(args.layer_ratio)
+
+        def blend(key: str, ts: list[Tensor]) -> Tensor:
+            # only the pattern that wins for this key: the same ratio as the whole dict, without the core warning
+            # about patterns that match none of the (one) keys
+            pattern = _first_match(key, layer_ratios)
+            mine = None if pattern is None else {pattern: layer_ratios[pattern]}
+            return merge.interpolate({key: ts[0]}, {key: ts[1]}, ratio, layer_ratios=mine)[key]
+
+        def check(keys: Sequence[str]) -> None:
+            unused = [p for p in layer_ratios if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
+            if unused:
+                raise SoupError(
+                    f"--layer-ratio {' '.join(repr(p) for p in unused)}: the pattern matches no key (fnmatch over whole "
+                    f"key names such as {keys[0]!r}; check the spelling and --prefix)"
+                )
+
+        parameters: dict[str, Any] = {"ratio": ratio}
+        if layer_ratios:
+            parameters["layer_ratios"] = layer_ratios
+        return Plan(command, "interpolate", [("anchor", args.anchor), ("model", args.model)], parameters, blend, check)
+
+    if command == "slerp":
+        t = args.t
+
+        def slerp(key: str, ts: list[Tensor]) -> Tensor:
+            return merge.slerp({key: ts[0]}, {key: ts[1]}, t)[key]
+
+        return Plan(command, "slerp", [("a", args.a), ("b", args.b)], {"t": t}, slerp)
+
+    finetuned = [("finetuned", p) for p in args.finetuned]
+    if command == "task-arithmetic":
+        scales: float | list[float] = args.scales[0] if len(args.scales) == 1 else list(args.scales)
+
+        def arithmetic(key: str, ts: list[Tensor]) -> Tensor:
+            base = {key: ts[0]}
+            vectors = [merge.task_vector({key: t}, base) for t in ts[1:]]
+            return merge.task_arithmetic(base, vectors, scales)[key]
+
+        return Plan(command, "task_arithmetic", [("base", args.base), *finetuned], {"scales": scales}, arithmetic)
+
+    if command == "ties":
+        density, scale = args.density, args.scale
+
+        def ties(key: str, ts: list[Tensor]) -> Tensor:
+            return merge.ties({key: ts[0]}, [{key: t} for t in ts[1:]], density, scale=scale)[key]
+
+        return Plan(command, "ties", [("base", args.base), *finetuned], {"density": density, "scale": scale}, ties)
+
+    if command == "dare":
+        density, scale, seed = args.density, args.scale, args.seed
+
+        def dare(key: str, ts: list[Tensor]) -> Tensor:
+            return merge.dare({key: ts[0]}, [{key: t} for t in ts[1:]], density, scale=scale, seed=seed)[key]
+
+        parameters = {"density": density, "scale": scale, "seed": seed}
+        return Plan(command, "dare", [("base", args.base), *finetuned], parameters, dare)
+
+    raise AssertionError(f"unknown command {command!r}")  # pragma: no cover - argparse restricts the choices
+
+
+def check_output(output: Path, args: Namespace, inputs: Sequence[Input] = ()) -> None:
+    """Refuse to overwrite without ``--force``, to replace a file by a folder (or back), or to write over an input."""
+    sharded = args.shard_size is not None
+    if output.exists() or output.is_symlink():
+        if not args.force:
+            raise SoupError(f"{output} already exists; pass --force to overwrite it")
+        if sharded and not output.is_dir():
+            raise SoupError(f"{output} is a file but --shard-size writes a folder; remove it or choose another -o")
+        if not sharded and output.is_dir():
+            raise SoupError(f"{output} is a folder; pass --shard-size to write a sharded folder, or choose another -o")
+    target = output.resolve()
+    for i in inputs:
+        source = Path(i.path).expanduser().resolve()
+        if source == target or target in source.parents:
+            raise SoupError(f"{i.path}: it is an input, so it cannot be the output too; choose another -o")
+
+
+def check_compatible(inputs: Sequence[Input]) -> None:
+    """Every incompatibility is found on the headers before any data is read; the first is reported in one line."""
+    from lightning_soup.merge._checks import check_compatible as core_check
+
+    metas = [i.meta() for i in inputs]
+    names = [i.name for i in inputs]
+    problems = _inspect.compare(metas, names).problems()
+    if problems:
+        more = len(problems) - 1
+        extra = f" (and {more} more incompatibilit{'y' if more == 1 else 'ies'}: run `lightning-soup inspect`)"
+        raise SoupError(problems[0] + (extra if more else ""))
+    core_check(metas, names)  # the functional core's own check, so that the two can never disagree
+
+
+def _probe(dtype: torch.dtype, index: int) -> Tensor:
+    """A tiny stand-in with ``dtype`` (distinct values per input, so no special case such as colinearity hides)."""
+    if dtype.is_floating_point:
+        return torch.tensor([1.0 + index, -0.5 - index, 0.25 * (index + 2)], dtype=torch.float64).to(dtype)
+    return torch.ones(3, dtype=dtype)
+
+
+def _compute_dtype(t: Tensor, target: torch.dtype | None) -> torch.dtype:
+    """Inputs narrower than the requested output are widened first (bfloat16 in, float32 out: no bfloat16 rounding)."""
+    if target is None or not t.dtype.is_floating_point:
+        return t.dtype
+    return torch.promote_types(t.dtype, target)
+
+
+def output_specs(
+    plan: Plan, inputs: Sequence[Input], target: torch.dtype | None
+) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """``{key: (dtype, shape)}`` of the output, in the first input's key order.
+
+    The dtype is what the merge function itself returns for the inputs' dtypes (found by running it on tiny
+    tensors once per distinct combination of input dtypes), or ``--dtype`` for floating results. The probe also
+    validates the parameters with the core's own checks before any data is read.
+    """
+    metas = [i.meta() for i in inputs]
+    results: dict[tuple[torch.dtype, ...], torch.dtype] = {}
+    specs = {}
+    for key, ref in metas[0].items():
+        signature = tuple(m[key].dtype for m in metas)
+        if signature not in results:
+            probes = [_probe(d, n) for n, d in enumerate(signature)]
+            probes = [p.to(_compute_dtype(p, target)) for p in probes]
+            results[signature] = plan.merge(key, probes).dtype
+        dtype = results[signature]
+        if target is not None and dtype.is_floating_point:
+            dtype = target
+        specs[key] = (dtype, tuple(ref.shape))
+    return specs
+
+
+def recipe_of(plan: Plan, inputs: Sequence[Input], digests: Sequence[str], args: Namespace, argv: Sequence[str]) -> dict:
+    from lightning_soup import __version__
+
+    entries = []
+    for i, digest in zip(inputs, digests):
+        entry = {"role": i.role, "path": i.path, "sha256": digest}
+        if i.prefix:
+            entry["prefix"] = i.prefix
+        entries.append(entry)
+    return {
+        "method": plan.method,
+        "function": f"lightning_soup.merge.{plan.function}",
+        "parameters": plan.parameters,
+        "inputs": entries,
+        "dtype": args.dtype,
+        "command": shlex.join(["lightning-soup", *argv]),
+        "tool": f"lightning-soup {__version__}",
+    }
+
+
+def run_merge(args: Namespace, argv: Sequence[str]) -> int:
+    """Run one merge command; returns the exit status (errors are raised as :class:`SoupError`)."""
+    timer = Timer()
+    device = device_of(args.device)
+    output = Path(args.output).expanduser()
+    check_output(output, args)
+    plan = make_plan(args)
+    target = None if args.dtype == "keep" else getattr(torch, args.dtype)
+    with contextlib.ExitStack() as stack:
+        inputs = open_inputs(stack, plan.inputs, args.prefix)
+        check_output(output, args, inputs)
+        check_compatible(inputs)
+        if plan.check is not None:
+            plan.check(list(inputs[0]))
+        specs = output_specs(plan, inputs, target)
+        total = sum(s[0].itemsize * _numel(s[1]) for s in specs.values())
+        with Progress(wants_progress(args.quiet)) as progress:
+            digests = hash_inputs(inputs, progress)
+            recipe = recipe_of(plan, inputs, digests, args, argv)
+            task = progress.add("merging", total)
+
+            def load(key: str) -> list[Tensor]:
+                return [i[key] for i in inputs]
+
+            with storage.SafetensorsWriter(output, specs, recipe=recipe, shard_size=args.shard_size) as writer:
+                for key, tensors in prefetch(specs, load):
+                    tensors = [t.to(device=device, dtype=_compute_dtype(t, target)) for t in tensors]
+                    result = plan.merge(key, tensors)
+                    dtype, shape = specs[key]
+                    if tuple(result.shape) != shape:  # pragma: no cover - a merge function bug, not a user error
+                        raise RuntimeError(f"{plan.function} returned shape {tuple(result.shape)} for {key!r}, expected {shape}")
+                    writer.write(key, result.to(dtype))
+                    del tensors, result
+                    progress.advance(task, dtype.itemsize * _numel(shape))
+            progress.done(task)
+    digest = storage.sha256_file(output)
+    print(f"{digest}  {output}", flush=True)
+    kind = "folder" if args.shard_size is not None else "file"
+    note(
+        f"lightning-soup: wrote {output} ({kind}, {len(specs)} tensors, {human_bytes(total)}) in {timer.seconds:.1f} s",
+        args.quiet,
+    )
+    return 0
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
