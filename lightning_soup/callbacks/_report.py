@@ -115,6 +115,10 @@ def blend_figure(
     for ax, name in zip(axes, metrics):
         values = [_as_float(candidates[i].get("metrics", {}).get(name)) for i in order]
         ax.plot(ratios, values, marker="o", color="C0", label=name)
+        violating = [(r, v) for r, v, i in zip(ratios, values, order) if candidates[i].get("meets_constraint") is False]
+        if violating:
+            ax.plot(*zip(*violating), linestyle="none", marker="o", markerfacecolor="white", color="C3",
+                    label="violates constraint")
         ax.axvline(chosen_ratio, color="C2", linestyle="--", label=f"chosen ratio {chosen_ratio:g}")
         chosen_value = _as_float(candidates[chosen].get("metrics", {}).get(name))
         if math.isfinite(chosen_value):
@@ -172,4 +176,59 @@ def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
     table.add_column("global step", justify="right")
     for i, row in enumerate(rows):
         table.add_row(str(i + 1), _fmt(row.get("epoch")), _fmt(row.get("global_step")))
+    return table
+
+
+# ------------------------------------------------------------------------------------------------- GreedySoup
+
+_GREEDY_STATUS = {
+    "accepted": "[green]accepted[/]",
+    "restarted": "[green]restarted soup[/]",
+    "rejected": "[yellow]rejected[/]",
+    "pruned": "[dim]pruned[/]",
+    "skipped": "[red]skipped[/]",
+}
+
+
+def greedy_soup_table(recipe: Mapping[str, Any]) -> Table:
+    """One row per ingredient in the order the soup tried them (then the unused ones), with its own score, whether
+    it joined the soup and the soup's score after it.
+
+    Args:
+        recipe: GreedySoup's recipe (the content of ``soup.json``): ``monitor``, ``mode``, ``soup_score`` and
+            ``ingredients``, each ``{"epoch", "step", "score", "status", "accepted", "soup_score", "reason"}``.
+
+    Example:
+        >>> recipe = {"monitor": "val/acc", "mode": "max", "soup_score": 0.9, "ingredients": [
+        ...     {"epoch": 2, "step": 30, "score": 0.88, "status": "accepted", "accepted": True, "soup_score": 0.88},
+        ...     {"epoch": 1, "step": 20, "score": 0.85, "status": "accepted", "accepted": True, "soup_score": 0.9},
+        ...     {"epoch": 0, "step": 10, "score": 0.5, "status": "rejected", "accepted": False, "soup_score": 0.9}]}
+        >>> table = greedy_soup_table(recipe)
+        >>> table.row_count, str(table.title)
+        (3, 'GreedySoup: 2 of 3 ingredients, val/acc 0.9 (max)')
+    """
+    rows = list(recipe.get("ingredients", []))
+    monitor = recipe.get("monitor", "score")
+    accepted = sum(1 for r in rows if r.get("accepted"))
+    title = f"GreedySoup: {accepted} of {len(rows)} ingredients, {monitor} {_fmt(recipe.get('soup_score'))}"
+    if recipe.get("mode"):
+        title += f" ({recipe['mode']})"
+    table = Table(title=title)
+    table.add_column("#", justify="right")
+    table.add_column("epoch", justify="right")
+    table.add_column("step", justify="right")
+    table.add_column(monitor, justify="right")
+    table.add_column("result")
+    table.add_column(f"soup {monitor} after", justify="right")
+    for i, row in enumerate(rows):
+        status = str(row.get("status", ""))
+        if status in ("accepted", "restarted") and not row.get("accepted"):
+            status = f"{status}, later dropped"
+        result = _GREEDY_STATUS.get(status, status)
+        if row.get("reason"):
+            result += f" [dim]({row['reason']})[/]"
+        table.add_row(
+            str(i + 1), _fmt(row.get("epoch")), _fmt(row.get("step")), _fmt(row.get("score")), result,
+            _fmt(row.get("soup_score")), style="bold" if row.get("accepted") else None,
+        )
     return table

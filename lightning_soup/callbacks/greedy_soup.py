@@ -1,0 +1,611 @@
+"""Greedy model soups over the checkpoints of one training run.
+
+Wortsman et al., *Model soups: averaging weights of multiple fine-tuned models improves accuracy without increasing
+inference time* (ICML 2022): sort the ingredients by held-out score, start from the best, and add each next one to
+the running uniform average only if held-out validation does not get worse.
+
+How it works. After every ``every_n_epochs``-th epoch's validation (never the sanity check) the module's weights
+become an ingredient, scored by ``trainer.callback_metrics[monitor]`` and written as
+``dirpath/ingredients/epoch=E-step=S.safetensors`` (atomically, by global rank zero). A non-finite score or
+non-finite weights skip the ingredient with a warning; with ``max_ingredients`` only the best-scored ones are kept on
+disk. At the end of fit (``on_train_end``, while the trainer's devices are still set up) the soup is
+:func:`lightning_soup.merge.greedy_soup` over the ingredients, each read from disk exactly once, in score order;
+the known scores are passed in, so no single ingredient is validated again, and every candidate is scored by the
+user's own validation loop (:func:`~._evaluate.evaluate`), so a candidate's score is what ``trainer.validate``
+would report for it. The running sum and the candidates live in host memory (the accelerator holds only the module,
+whose optimizer state is still allocated at that point); each candidate is copied into the module to be scored.
+
+With ``online=True`` the soup is built during training instead: each new ingredient is tried against the current
+soup right after its own validation (one extra validation pass per epoch, the raw training weights restored
+bit for bit afterwards), and only the soup's float32 running sum is kept on disk. Ingredients arrive in training
+order, not score order, so the online soup is an approximation of the offline one: a new ingredient joins the soup
+when the candidate is at least as good as both the soup and the ingredient alone; an ingredient better on its own
+than both restarts the soup from itself.
+
+Outputs: ``dirpath/soup.safetensors`` (the soup, with the recipe in its metadata), ``dirpath/soup.json`` (every
+ingredient: epoch, step, file, its own score, whether it was accepted and the soup score after it),
+``dirpath/final.safetensors`` (the raw trained weights); the soup is loaded into the module, its score is logged to
+the trainer's loggers and set in ``trainer.callback_metrics`` as ``greedy_soup/<monitor>``, and a table of the
+recipe is printed on rank zero.
+
+Resuming. The checkpoint state is plain types (ingredient files, scores, epochs, steps), so ``fit(ckpt_path=...)``
+continues with the ingredients already on disk and ends with the same soup as an uninterrupted run. Files an
+ingredient drops out of (``max_ingredients``, online sums) are deleted only once neither of the two latest
+checkpoints names them; a checkpoint whose files are missing fails at resume with the list of them.
+
+Distributed training. Every rank takes part in every candidate validation; scores are global rank zero's
+(broadcast), so every rank makes the same decisions. No shared filesystem is assumed: under replicated strategies
+(DDP) only rank zero writes and reads ingredient files, and sends each ingredient to the other ranks one tensor at a
+time (``torch.distributed.broadcast``) as the soup reads it, so all ranks compute the same candidates. Under sharded
+strategies (FSDP2 ``fully_shard``) ingredient files hold the full weights (gathered one tensor at a time) and each
+rank receives only its own shard of every tensor (``distribute_tensor`` from rank zero), so the soup is computed
+shard by shard; online sums are then kept per rank (``-rank{r}`` files).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_soup import storage
+from lightning_soup.callbacks import _base, _evaluate
+from lightning_soup.errors import SoupError
+from lightning_soup.merge import _inplace
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+Mode = Literal["min", "max"]
+_MODES = ("min", "max")
+_INGREDIENT_DIR = "ingredients"
+_ONLINE_DIR = "online"
+_SOUP_FILE = "soup.safetensors"
+_RECIPE_FILE = "soup.json"
+_STATE_VERSION = 1
+
+
+class _GreedySoup(_base.SoupCallback):
+    """Build Wortsman's greedy soup from this run's validated checkpoints and load it into the module at the end.
+
+    After every ``every_n_epochs``-th epoch's validation run the module's weights become an ingredient scored by
+    ``trainer.callback_metrics[monitor]``. At the end of fit the ingredients are added best-first to a uniform
+    average whenever the user's own validation (``validation_step`` over the trainer's validation dataloaders,
+    scored exactly as ``trainer.validate`` reports it) does not get worse. Writes ``dirpath/soup.safetensors``,
+    ``dirpath/soup.json`` and ``dirpath/final.safetensors`` (the raw trained weights), and leaves the soup in the
+    module.
+
+    Args:
+        monitor: the validation metric that scores ingredients and candidates, as logged (``"val/acc"``).
+        mode: ``"max"`` when higher ``monitor`` is better, ``"min"`` when lower is.
+        every_n_epochs: take an ingredient at the validation of every n-th epoch.
+        max_ingredients: keep only the best n ingredients on disk (None: all of them).
+        dirpath: output folder; default ``<trainer.default_root_dir>/soup``.
+        online: build the soup during training (one extra validation per ingredient) and keep only the soup on
+            disk, instead of keeping every ingredient and building the soup at the end.
+        verbose: print the recipe table at the end of fit (global rank zero).
+
+    Raises:
+        SoupError: an argument is invalid (all problems are reported at once); at the first validation, when
+            ``monitor`` is not logged; before training, when validation is disabled.
+
+    Example:
+        >>> from lightning_soup.callbacks.greedy_soup import _GreedySoup
+        >>> _GreedySoup(monitor="val/acc", max_ingredients=5).state_key
+        "GreedySoup{'monitor': 'val/acc', 'mode': 'max', 'dirpath': None}"
+    """
+
+    _produces_weights = True
+
+    def __init__(
+        self,
+        monitor: str,
+        mode: Mode = "max",
+        every_n_epochs: int = 1,
+        max_ingredients: int | None = None,
+        dirpath: str | None = None,
+        online: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        problems = []
+        if not isinstance(monitor, str) or not monitor:
+            problems.append(f"`monitor` must be the name of a logged metric such as 'val/acc', got {monitor!r}")
+        if mode not in _MODES:
+            problems.append(f"`mode` can be 'min' or 'max', got {mode!r}")
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            problems.append(f"`every_n_epochs` must be an int >= 1, got {every_n_epochs!r}")
+        if max_ingredients is not None and (
+            isinstance(max_ingredients, bool) or not isinstance(max_ingredients, int) or max_ingredients < 1
+        ):
+            problems.append(f"`max_ingredients` must be an int >= 1 or None, got {max_ingredients!r}")
+        if dirpath is not None and (not isinstance(dirpath, (str, Path)) or not str(dirpath)):
+            problems.append(f"`dirpath` must be a path string or None, got {dirpath!r}")
+        for flag, value in (("online", online), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                problems.append(f"`{flag}` must be True or False, got {value!r}")
+        if online is True and max_ingredients is not None:
+            problems.append("`max_ingredients` has no effect with `online=True` (only the soup is kept); leave it None")
+        if problems:
+            raise SoupError("Invalid GreedySoup arguments: " + "; ".join(problems) + ".")
+
+        self.monitor = monitor
+        self.mode = mode
+        self.every_n_epochs = every_n_epochs
+        self.max_ingredients = max_ingredients
+        self._dirpath_arg = None if dirpath is None else str(dirpath)
+        self.online = online
+        self.verbose = verbose
+        self._reset()
+
+    # ------------------------------------------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        # Replicated on every rank (plain types). One entry per ingredient seen, in training order:
+        # {"epoch", "step", "score", "file" (relative to dirpath, or None), "status", "reason"}; status is
+        # "kept" (on disk, offline), "pruned" (dropped by max_ingredients), "skipped" (non-finite), or, online,
+        # "accepted"/"rejected"/"restarted".
+        self._entries: list[dict[str, Any]] = []
+        # Online: the current soup {"file", "count", "score", "first"} (first: the entry whose integer buffers it uses).
+        self._online: dict[str, Any] | None = None
+        self._retained: list[str] = []  # dropped files a recent checkpoint may still name
+        self._checkpointed: list[list[str]] = []  # the files named at the two latest checkpoints
+        self._dir: Path | None = None
+        self.soup_path: Path | None = None
+        self.soup_score: float | None = None
+        self.recipe: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        # The class name, not the flavour's qualname, so checkpoints resume across pytorch_lightning/lightning.
+        args = {"monitor": self.monitor, "mode": self.mode, "dirpath": self._dirpath_arg}
+        return f"GreedySoup{args!r}"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        # A checkpoint now names these files: keep them on disk until two newer checkpoints exist.
+        self._checkpointed = [*self._checkpointed[-1:], self._live_files()]
+        return {
+            "version": _STATE_VERSION,
+            "entries": [dict(e) for e in self._entries],
+            "online": None if self._online is None else dict(self._online),
+            "retained": list(self._retained),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._entries = [dict(e) for e in state_dict.get("entries", [])]
+        online = state_dict.get("online")
+        self._online = None if online is None else dict(online)
+        self._retained = list(state_dict.get("retained", []))
+        self._checkpointed = [self._live_files()]
+
+    def _live_files(self) -> list[str]:
+        files = [e["file"] for e in self._entries if e["status"] == "kept"]
+        if self._online is not None:
+            files.append(self._online["file"])
+        return files
+
+    # ------------------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._reset()  # a new fit starts a new soup; a resumed fit loads its state right after setup
+        if trainer.limit_val_batches == 0:
+            raise SoupError(
+                "GreedySoup scores its ingredients and candidates with your validation loop, but validation is "
+                "disabled (`Trainer(limit_val_batches=0)`). Set `limit_val_batches` > 0 and provide validation data."
+            )
+        self._dir = self.prepare_dirpath(trainer)
+        mine = self._dir.resolve()
+        for other in trainer.callbacks:
+            if other is not self and isinstance(other, _GreedySoup) and other.dirpath_for(trainer).resolve() == mine:
+                raise SoupError(
+                    f"Two GreedySoup callbacks write to the same `dirpath` {str(self._dir)!r}; give each its own "
+                    "`dirpath` so their ingredients and soups do not overwrite each other."
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not getattr(trainer, "enable_validation", True):
+            raise SoupError(
+                "GreedySoup needs a validation loop to score ingredients, but this fit has none: define "
+                "`validation_step` and a validation dataloader (or datamodule), and keep `limit_val_batches` > 0."
+            )
+        # After a resume: the files the checkpoint names must still be there.
+        self._check_files(trainer, pl_module)
+
+    @override
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _base.is_fitting(trainer) or trainer.sanity_checking:
+            return
+        epoch, step = int(trainer.current_epoch), int(trainer.global_step)
+        if (epoch + 1) % self.every_n_epochs:
+            return
+        if any(e["epoch"] == epoch and e["step"] == step for e in self._entries):
+            return  # this validation's ingredient was taken before a resume
+        score = _evaluate.resolve_monitor(trainer.callback_metrics, self.monitor)
+        score = float(trainer.strategy.broadcast(score, src=0))
+        entry: dict[str, Any] = {"epoch": epoch, "step": step, "score": score, "file": None, "status": "skipped"}
+        entry["reason"] = None
+        self._entries.append(entry)
+        if not math.isfinite(score):
+            entry["reason"] = f"non-finite {self.monitor} ({score})"
+            _base.warn_on_rank_zero(
+                trainer, f"GreedySoup skips the weights of epoch {epoch} (step {step}): {self.monitor} is {score}."
+            )
+            return
+        if not self._weights_finite(trainer, pl_module):
+            entry["reason"] = "non-finite weights"
+            _base.warn_on_rank_zero(
+                trainer, f"GreedySoup skips the weights of epoch {epoch} (step {step}): they contain NaN or inf."
+            )
+            return
+        if self.online:
+            self._online_add(trainer, pl_module, entry)
+        else:
+            self._keep(trainer, pl_module, entry)
+        self._delete_unneeded(trainer)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not _base.is_fitting(trainer):
+            return
+        dirpath = self._dir if self._dir is not None else self.dirpath_for(trainer)
+        _base.save_final_weights(trainer, pl_module, dirpath)
+        if self.online:
+            tried = self._online_finish(trainer, pl_module)
+        else:
+            tried = self._offline_finish(trainer, pl_module)
+        if tried is None:
+            reasons = "; ".join(f"epoch {e['epoch']}: {e['reason']}" for e in self._entries) or "no validation ran"
+            _base.warn_on_rank_zero(
+                trainer,
+                f"GreedySoup has no ingredient to make a soup from ({reasons}), so the module keeps its trained "
+                "weights and no soup is written.",
+            )
+            self.recipe = self._recipe([], None)
+            if trainer.is_global_zero:
+                storage.write_json(self.recipe, dirpath / _RECIPE_FILE)
+            trainer.strategy.barrier("lightning_soup.greedy_soup.recipe")
+            return
+        self.recipe = self._recipe(tried, self.soup_score)
+        self.soup_path = _base.write_module_weights(trainer, pl_module, dirpath / _SOUP_FILE, self.recipe)
+        if trainer.is_global_zero:
+            storage.write_json(self.recipe, dirpath / _RECIPE_FILE)
+        self._delete_unneeded(trainer)
+        trainer.strategy.barrier("lightning_soup.greedy_soup.done")
+        self._log_score(trainer)
+        if self.verbose:
+            from lightning_soup.callbacks._report import greedy_soup_table
+
+            _base.print_on_rank_zero(trainer, greedy_soup_table(self.recipe))
+
+    # ------------------------------------------------------------------------------------------------ ingredients
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def _weights_finite(self, trainer: Any, pl_module: Any) -> bool:
+        _, floats = _base.floating_items(_base.module_tensors(pl_module))
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()) if floats else True
+        # Every rank must agree (shards differ; replicas' buffers may too): one non-finite part skips it everywhere.
+        return bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
+
+    def _keep(self, trainer: Any, pl_module: Any, entry: dict[str, Any]) -> None:
+        """Write the module's weights as a new ingredient, dropping the worst one beyond ``max_ingredients``."""
+        kept = [e for e in self._entries if e["status"] == "kept"]
+        if self.max_ingredients is not None and len(kept) >= self.max_ingredients:
+            # Ties keep the older ingredient: a newcomer must be strictly better than the worst kept one.
+            worst = kept[0]
+            for e in kept[1:]:
+                if self._better(worst["score"], e["score"]):
+                    worst = e
+            if not self._better(entry["score"], worst["score"]):
+                entry.update(status="pruned", reason=f"not among the best {self.max_ingredients}")
+                return
+            worst.update(status="pruned", reason=f"not among the best {self.max_ingredients}")
+            self._retained.append(worst["file"])
+        name = f"{_INGREDIENT_DIR}/epoch={entry['epoch']}-step={entry['step']}.safetensors"
+        recipe = {"method": "greedy_soup_ingredient", "monitor": self.monitor, "score": entry["score"]}
+        recipe.update(epoch=entry["epoch"], step=entry["step"])
+        _base.write_module_weights(trainer, pl_module, self._path(trainer, name), recipe)
+        entry.update(status="kept", file=name)
+
+    def _delete_unneeded(self, trainer: Any) -> None:
+        """Delete files no entry uses any more, unless one of the two latest checkpoints names them (for resuming)."""
+        needed = set(self._live_files()).union(*self._checkpointed)
+        drop = [f for f in self._retained if f not in needed]
+        self._retained = [f for f in self._retained if f in needed]
+        for name in drop:
+            for path in self._owned_paths(trainer, name):
+                path.unlink(missing_ok=True)
+
+    def _check_files(self, trainer: Any, pl_module: Any) -> None:
+        """Raise on every rank if a file the state names is missing or does not fit the module.
+
+        Each rank checks the files it owns (rank zero's ingredients; per-rank online sums when sharded); the ranks
+        then agree, so all of them raise together instead of some waiting in a collective.
+        """
+        problem = None
+        names = [e["file"] for e in self._entries if e["status"] == "kept"]
+        if self._online is not None:
+            names.append(self._online["file"])
+        missing = [str(p) for name in names for p in self._owned_paths(trainer, name) if not p.is_file()]
+        if missing:
+            problem = (
+                f"Cannot resume GreedySoup: the checkpoint names files that are missing: {missing}. Restore them, "
+                "pass the `dirpath` the run used, or start a new soup by removing this callback's state from the "
+                "checkpoint."
+            )
+        elif trainer.is_global_zero:
+            problem = self._check_shapes(trainer, pl_module, [n for n in names if n.startswith(_INGREDIENT_DIR)])
+        if _base.world_size(trainer) > 1:
+            ok = trainer.strategy.reduce_boolean_decision(problem is None, all=True)
+            if not ok and problem is None:
+                problem = "GreedySoup: another rank found missing or mismatched files (see its error message)."
+        if problem is not None:
+            raise SoupError(problem)
+
+    def _check_shapes(self, trainer: Any, pl_module: Any, names: list[str]) -> str | None:
+        expected = {k: (tuple(v.shape), v.dtype) for k, v in pl_module.state_dict().items()}
+        for name in names:
+            with storage.open_state_dict(self._path(trainer, name)) as lazy:
+                meta = lazy.meta()
+            found = {k: (tuple(v.shape), v.dtype) for k, v in meta.items()}
+            if found != expected:
+                missing = sorted(expected.keys() - found.keys())
+                unexpected = sorted(found.keys() - expected.keys())
+                differ = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+                return (
+                    f"GreedySoup ingredient {name!r} does not fit the module (missing keys {missing or 'none'}, "
+                    f"unexpected keys {unexpected or 'none'}, different shapes/dtypes {differ or 'none'}). Was "
+                    "the model changed between the checkpoint and this run? Use a new `dirpath` for a new model."
+                )
+        return None
+
+    # ---------------------------------------------------------------------------------------------- offline soup
+    def _offline_finish(self, trainer: Any, pl_module: Any) -> list[dict[str, Any]] | None:
+        from lightning_soup import merge
+
+        kept = [e for e in self._entries if e["status"] == "kept"]
+        if not kept:
+            return None
+        self._check_files(trainer, pl_module)
+        sources = [_Ingredient(self._path(trainer, e["file"]), trainer, pl_module) for e in kept]
+
+        def score(candidate: Mapping[str, Tensor]) -> float:
+            _base.load_into_module_(pl_module, candidate)
+            local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
+            return float(trainer.strategy.broadcast(local, src=0))
+
+        try:
+            soup, recipe = merge.greedy_soup(sources, score, mode=self.mode, scores=[e["score"] for e in kept])
+        finally:
+            for source in sources:
+                source.close()
+        _base.load_into_module_(pl_module, soup)
+        del soup
+        tried = []
+        for step in recipe:
+            entry = kept[step["index"]]
+            accepted = bool(step["accepted"])
+            tried.append({**entry, "status": "accepted" if accepted else "rejected", "accepted": accepted,
+                          "soup_score": step["soup_score"]})
+        accepted_scores = [t["soup_score"] for t in tried if t["accepted"]]
+        self.soup_score = accepted_scores[-1] if accepted_scores else None
+        return tried
+
+    # ----------------------------------------------------------------------------------------------- online soup
+    def _online_add(self, trainer: Any, pl_module: Any, entry: dict[str, Any]) -> None:
+        """Try the module's weights (a new ingredient) against the current soup; keep the better of the options."""
+        score = entry["score"]
+        soup = self._online
+        if soup is None:
+            self._online_restart(trainer, pl_module, entry, "accepted")
+            return
+        sharded = _base.is_sharded(pl_module)
+        owner = trainer.is_global_zero or sharded
+        live = _base.module_tensors(pl_module)
+        float_keys, floats = _base.floating_items(live)
+        sums: list[Tensor] = []
+        stored: dict[str, Tensor] = {}
+        with _evaluate.preserved_weights(pl_module):
+            if owner:
+                # candidate = (soup sum + new) / (count + 1), written straight into the module
+                stored = storage.load_state_dict(self._own_path(trainer, soup["file"], sharded))
+                sums = [stored[k].to(t.device) for k, t in zip(float_keys, floats)]
+                with torch.no_grad():
+                    _inplace.accumulate_(sums, floats)
+                    _inplace.assign_mean_(floats, sums, soup["count"] + 1)
+                    ints = [k for k in live if k not in set(float_keys)]
+                    _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
+            _base.broadcast_module_(trainer, pl_module)
+            local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
+            candidate = float(trainer.strategy.broadcast(local, src=0))
+        # The raw training weights are back in the module.
+        entry["candidate_score"] = candidate
+        if math.isfinite(candidate) and not self._better(soup["score"], candidate) and not self._better(score, candidate):
+            name = self._online_name(entry)
+            if owner:
+                state = {**{k: v for k, v in stored.items() if k not in set(float_keys)}, **dict(zip(float_keys, sums))}
+                storage.save_state_dict(state, self._own_path(trainer, name, sharded), recipe=self._sum_recipe())
+            trainer.strategy.barrier("lightning_soup.greedy_soup.online")
+            self._retained.append(soup["file"])
+            self._online = {**soup, "file": name, "count": soup["count"] + 1, "score": candidate}
+            entry.update(status="accepted", soup_score=candidate)
+        elif self._better(score, soup["score"]):
+            self._online_restart(trainer, pl_module, entry, "restarted")
+        else:
+            entry.update(status="rejected", soup_score=soup["score"])
+
+    def _online_restart(self, trainer: Any, pl_module: Any, entry: dict[str, Any], status: str) -> None:
+        """Make the module's current weights (alone) the soup."""
+        sharded = _base.is_sharded(pl_module)
+        name = self._online_name(entry)
+        if trainer.is_global_zero or sharded:
+            live = _base.module_tensors(pl_module)
+            float_keys, floats = _base.floating_items(live)
+            state = {k: v.detach() for k, v in live.items()}
+            state.update(zip(float_keys, _inplace.float32_copy([t.detach() for t in floats])))
+            storage.save_state_dict(state, self._own_path(trainer, name, sharded), recipe=self._sum_recipe())
+        trainer.strategy.barrier("lightning_soup.greedy_soup.online")
+        if self._online is not None:
+            self._retained.append(self._online["file"])
+        self._online = {"file": name, "count": 1, "score": entry["score"], "first": len(self._entries) - 1}
+        entry.update(status=status, soup_score=entry["score"])
+
+    def _online_finish(self, trainer: Any, pl_module: Any) -> list[dict[str, Any]] | None:
+        soup = self._online
+        if soup is None:
+            return None
+        self._check_files(trainer, pl_module)
+        sharded = _base.is_sharded(pl_module)
+        if trainer.is_global_zero or sharded:
+            live = _base.module_tensors(pl_module)
+            float_keys, floats = _base.floating_items(live)
+            stored = storage.load_state_dict(self._own_path(trainer, soup["file"], sharded))
+            with torch.no_grad():
+                _inplace.assign_mean_(floats, [stored[k].to(t.device) for k, t in zip(float_keys, floats)], soup["count"])
+                ints = [k for k in live if k not in set(float_keys)]
+                _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
+            del stored
+        _base.broadcast_module_(trainer, pl_module)
+        self.soup_score = soup["score"]
+        tried = [dict(e) for e in self._entries if e["status"] in ("accepted", "rejected", "restarted")]
+        start = max(i for i, e in enumerate(tried) if e["status"] == "restarted") if any(
+            e["status"] == "restarted" for e in tried
+        ) else 0
+        for i, e in enumerate(tried):
+            # Members of the final soup: the last (re)start and the ingredients accepted after it.
+            e["accepted"] = i >= start and e["status"] in ("accepted", "restarted")
+        return tried
+
+    def _online_name(self, entry: dict[str, Any]) -> str:
+        return f"{_ONLINE_DIR}/soup-sum-epoch={entry['epoch']}-step={entry['step']}.safetensors"
+
+    def _sum_recipe(self) -> dict[str, Any]:
+        return {"method": "greedy_soup_online_sum", "monitor": self.monitor, "mode": self.mode}
+
+    # ---------------------------------------------------------------------------------------------------- outputs
+    def _recipe(self, tried: list[dict[str, Any]], soup_score: float | None) -> dict[str, Any]:
+        listed = {(t["epoch"], t["step"]) for t in tried}
+        rest = []
+        for e in self._entries:
+            if (e["epoch"], e["step"]) not in listed:
+                rest.append({**e, "accepted": False, "soup_score": None})
+        columns = ("epoch", "step", "file", "score", "status", "accepted", "soup_score", "reason")
+        ingredients = [{c: row.get(c) for c in columns} for row in [*tried, *rest]]
+        return {
+            "method": "greedy_soup",
+            "monitor": self.monitor,
+            "mode": self.mode,
+            "online": self.online,
+            "soup_score": soup_score,
+            "accepted": sum(1 for i in ingredients if i["accepted"]),
+            "ingredients": ingredients,
+        }
+
+    def _log_score(self, trainer: Any) -> None:
+        if self.soup_score is None:
+            return
+        key = f"greedy_soup/{self.monitor}"
+        trainer.callback_metrics[key] = torch.tensor(self.soup_score)
+        for logger in trainer.loggers:
+            logger.log_metrics({key: self.soup_score}, step=trainer.global_step)
+            logger.save()
+
+    # ------------------------------------------------------------------------------------------------------ paths
+    def _root(self, trainer: Any) -> Path:
+        return self._dir if self._dir is not None else self.dirpath_for(trainer)
+
+    def _path(self, trainer: Any, name: str) -> Path:
+        return self._root(trainer) / name
+
+    def _own_path(self, trainer: Any, name: str, sharded: bool) -> Path:
+        """An online sum file: one per rank for sharded modules, rank zero's alone otherwise."""
+        path = self._path(trainer, name)
+        if sharded:
+            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
+        return path
+
+    def _owned_paths(self, trainer: Any, name: str) -> list[Path]:
+        """The files of ``name`` this rank is responsible for (for checks and deletion)."""
+        if name.startswith(_ONLINE_DIR + "/"):
+            sharded = _base.is_sharded(trainer.lightning_module)
+            if sharded or trainer.is_global_zero:
+                return [self._own_path(trainer, name, sharded)]
+            return []
+        return [self._path(trainer, name)] if trainer.is_global_zero else []
+
+
+class _Ingredient(Mapping[str, Tensor]):
+    """One ingredient as every rank sees it, tensor by tensor, in host memory.
+
+    Global rank zero reads the file lazily (each tensor once, when the soup asks for it); under DDP it broadcasts
+    each tensor to the other ranks, which never touch the file; under FSDP2 each rank receives its own shard. Keys
+    iterate in the module's ``state_dict`` order, identical on every rank, so every rank's soup asks for the same
+    tensors in the same order and the collectives pair up.
+    """
+
+    def __init__(self, path: Path, trainer: Any, pl_module: Any) -> None:
+        self.path = path
+        self._template = pl_module.state_dict()
+        self._rank_zero = trainer.is_global_zero
+        self._distributed = (
+            _base.world_size(trainer) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+        )
+        self._lazy: storage.LazyStateDict | None = None
+
+    def __getitem__(self, key: str) -> Tensor:
+        like = self._template[key]
+        if _base._is_dtensor(like):
+            return self._shard(key, like)
+        value = self._read(key) if self._rank_zero else None
+        if not self._distributed:
+            assert value is not None
+            return value
+        # NCCL sends device tensors, gloo host ones: go through the device the module's tensor lives on.
+        if value is None:
+            value = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        else:
+            value = value.to(like.device)
+        torch.distributed.broadcast(value, src=0)
+        return value.cpu()
+
+    def _shard(self, key: str, like: Any) -> Tensor:
+        from torch.distributed.tensor import distribute_tensor
+
+        device = like.to_local().device
+        full = self._read(key).to(device) if self._rank_zero else torch.empty(like.shape, dtype=like.dtype, device=device)
+        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=0).to_local().cpu()
+
+    def _read(self, key: str) -> Tensor:
+        if self._lazy is None:
+            self._lazy = storage.open_state_dict(self.path)
+        return self._lazy[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._template)
+
+    def __len__(self) -> int:
+        return len(self._template)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._template
+
+    def meta(self) -> dict[str, Tensor]:
+        """Shapes and dtypes (this rank's local ones) without reading or communicating anything."""
+        out = {}
+        for key, like in self._template.items():
+            local = like.to_local() if _base._is_dtensor(like) else like
+            out[key] = torch.empty(local.shape, dtype=local.dtype, device="meta")
+        return out
+
+    def close(self) -> None:
+        if self._lazy is not None:
+            self._lazy.close()
+            self._lazy = None
