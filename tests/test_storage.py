@@ -634,6 +634,9 @@ def test_missing_path_and_unknown_extension(tmp_path: Path) -> None:
     (tmp_path / "empty_dir").mkdir()
     with pytest.raises(SoupError, match=r"empty_dir is a folder but not a checkpoint.*model\.safetensors\.index\.json"):
         storage.open_state_dict(tmp_path / "empty_dir")
+    (tmp_path / "epoch=3.ckpt").mkdir()
+    with pytest.raises(SoupError, match=r"epoch=3\.ckpt is a distributed .* consolidate_checkpoint"):
+        storage.open_state_dict(tmp_path / "epoch=3.ckpt")
 
 
 @pytest.mark.parametrize("cut", [1, 40, 70])
@@ -779,3 +782,16 @@ def test_sha256_of_files_and_sharded_folders(tmp_path: Path) -> None:
     assert storage.sha256_file(out) != digest
     with pytest.raises(SoupError, match="does not exist"):
         storage.sha256_file(tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------------ gpu
+
+
+@pytest.mark.gpu
+def test_accelerator_tensors_are_written_and_loaded_onto_the_device(tmp_path: Path) -> None:
+    base = torch.randn(64, 32, device="cuda")
+    state = {"w": base, "w_t": base.T, "half": base[:, :8].to(torch.bfloat16), "steps": torch.tensor(3, device="cuda")}
+    path = storage.save_state_dict(state, tmp_path / "gpu.safetensors")
+    loaded = storage.load_state_dict(path, device="cuda")
+    assert all(t.device.type == "cuda" for t in loaded.values())
+    _assert_same({k: v.cpu() for k, v in loaded.items()}, {k: v.cpu() for k, v in state.items()})

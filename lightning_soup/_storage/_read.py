@@ -53,15 +53,22 @@ def resolve(path: str | os.PathLike) -> tuple[Literal["safetensors", "sharded", 
         if len(files) == 1 and not indexes:
             return "safetensors", files[0]
         found = _few([c.name for c in visible]) or "nothing"
+        if p.suffix.lower() == ".ckpt":
+            raise SoupError(
+                f"{p} is a distributed (FSDP/DeepSpeed) checkpoint folder, not a single file. Consolidate it first: "
+                "`python -m lightning.pytorch.utilities.consolidate_checkpoint <folder>` (FSDP) or "
+                "`convert_zero_checkpoint_to_fp32_state_dict` (DeepSpeed), then pass the resulting .ckpt."
+            )
         raise SoupError(
             f"{p} is a folder but not a checkpoint: it needs {INDEX_NAME} (sharded) or a single model.safetensors "
             f"(it holds {found}). Pass the file itself, or the folder of one sharded checkpoint."
         )
-    if p.name.endswith(".index.json"):
+    suffix = p.suffix.lower()
+    if p.name.lower().endswith(".index.json"):
         return "sharded", p
-    if p.suffix == ".safetensors":
+    if suffix == ".safetensors":
         return "safetensors", p
-    if p.suffix in _TORCH_SUFFIXES:
+    if suffix in _TORCH_SUFFIXES:
         return "torch", p
     raise SoupError(
         f"{p} has an unknown extension {p.suffix!r}: pass {_KINDS} "
@@ -105,20 +112,19 @@ class _TorchSource:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.tensors: dict[str, Tensor] | None = _torch_state_dict(path)
+        self.tensors: dict[str, Tensor] = _torch_state_dict(path)
+        self.specs = {k: (t.dtype, t.shape) for k, t in self.tensors.items()}
 
     def read(self, key: str) -> Tensor:
-        assert self.tensors is not None
         # A private copy: the mapped pages stay reclaimable page cache, and callers may modify the result.
         return self.tensors[key].clone(memory_format=torch.contiguous_format)
 
     def meta(self, key: str) -> Tensor:
-        assert self.tensors is not None
-        t = self.tensors[key]
-        return torch.empty(t.shape, dtype=t.dtype, device="meta")
+        dtype, shape = self.specs[key]
+        return torch.empty(shape, dtype=dtype, device="meta")
 
     def close(self) -> None:
-        self.tensors = None
+        self.tensors = {}  # drops the memory map
 
 
 def _torch_load(path: Path) -> Any:
@@ -240,7 +246,8 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     Build it with :func:`open_state_dict`. Every access reads the tensor again into fresh CPU memory (cache it
     yourself if you need it twice); nothing else is read: opening parses only the headers, and :meth:`meta` gives
-    shapes and dtypes without touching data. Keys iterate in file order. Use it as a context manager, or call
+    shapes and dtypes without touching data. Keys iterate in file order (shard by shard for a sharded folder).
+    Reads may come from several threads (a prefetching reader). Use it as a context manager, or call
     :meth:`close`, to release the file handles.
 
     Attributes:
@@ -358,7 +365,6 @@ def open_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> La
             metadata[_format.RECIPE_KEY] = index_meta[_format.RECIPE_KEY]
     else:
         torch_source = _TorchSource(file)
-        assert torch_source.tensors is not None
         sources, keys, metadata = [torch_source], {k: (torch_source, k) for k in torch_source.tensors}, {}
     stem = _normalise_prefix(prefix)
     if stem:
