@@ -635,7 +635,7 @@ def test_missing_path_and_unknown_extension(tmp_path: Path) -> None:
     with pytest.raises(SoupError, match=r"empty_dir is a folder but not a checkpoint.*model\.safetensors\.index\.json"):
         storage.open_state_dict(tmp_path / "empty_dir")
     (tmp_path / "epoch=3.ckpt").mkdir()
-    with pytest.raises(SoupError, match=r"epoch=3\.ckpt is a distributed .* consolidate_checkpoint"):
+    with pytest.raises(SoupError, match=r"epoch=3\.ckpt is a distributed .*consolidate_checkpoint"):
         storage.open_state_dict(tmp_path / "epoch=3.ckpt")
 
 
