@@ -1,0 +1,152 @@
+"""greedy_soup with a fake evaluate: accept/reject sequence, ties, min mode, NaN scores, single reads."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from _merge_helpers import FLOAT_KEYS, INT_KEYS, CountingMapping, LazyMapping, acc_of, assert_rounded, f64, random_state_dict
+
+from lightning_soup import SoupError
+from lightning_soup.merge import greedy_soup
+
+
+def _ingredients(values):
+    return [{"w": torch.tensor([float(v)]), "steps": torch.tensor(i)} for i, v in enumerate(values)]
+
+
+def _distance_to(target):
+    return lambda sd: -abs(float(sd["w"][0]) - target)
+
+
+def test_accept_reject_sequence() -> None:
+    items = [CountingMapping(sd) for sd in _ingredients([1.0, 3.0, 9.0, 2.5])]
+    seen = []
+
+    def evaluate(sd):
+        seen.append(float(sd["w"][0]))
+        return _distance_to(2.0)(sd)
+
+    soup, recipe = greedy_soup(items, evaluate, scores=[-1.0, -1.0, -7.0, -0.5])
+    # order by score, equal scores in input order: 3, 0, 1, 2
+    assert [r["index"] for r in recipe] == [3, 0, 1, 2]
+    assert [r["accepted"] for r in recipe] == [True, True, True, False]
+    assert [r["score"] for r in recipe] == [-0.5, -1.0, -1.0, -7.0]
+    expected_soup_scores = [-0.5, -0.25, -(6.5 / 3 - 2), -(6.5 / 3 - 2)]
+    assert [r["soup_score"] for r in recipe] == pytest.approx(expected_soup_scores)
+    assert not any(r["skipped"] for r in recipe)
+    assert set(recipe[0]) == {"index", "score", "accepted", "soup_score", "skipped"}
+    assert seen == pytest.approx([1.75, 6.5 / 3, 15.5 / 4])  # (sum + x) / (k + 1), singles not re-evaluated
+    torch.testing.assert_close(soup["w"], torch.tensor([6.5 / 3]))
+    assert torch.equal(soup["steps"], torch.tensor(3))  # integer buffers from the best ingredient
+    assert [m.times_read for m in items] == [1, 1, 1, 1]
+
+
+def test_equal_score_is_accepted_and_worse_is_not() -> None:
+    items = _ingredients([1.0, 2.0, 3.0])
+    _, recipe = greedy_soup(items, lambda sd: 0.5, scores=[0.5, 0.5, 0.5])
+    assert [r["accepted"] for r in recipe] == [True, True, True]
+    _, recipe = greedy_soup(items, lambda sd: 0.5 - 1e-9, scores=[0.5, 0.4, 0.3])
+    assert [r["accepted"] for r in recipe] == [True, False, False]
+    assert [r["soup_score"] for r in recipe] == [0.5, 0.5, 0.5]
+
+
+def test_min_mode() -> None:
+    items = _ingredients([1.0, 3.0, 9.0, 2.5])
+    loss = lambda sd: abs(float(sd["w"][0]) - 2.0)  # noqa: E731
+    soup, recipe = greedy_soup(items, loss, mode="min", scores=[1.0, 1.0, 7.0, 0.5])
+    assert [r["index"] for r in recipe] == [3, 0, 1, 2]
+    assert [r["accepted"] for r in recipe] == [True, True, True, False]
+    _, recipe = greedy_soup(items, lambda sd: 1.0, mode="min", scores=[1.0, 1.0, 1.0, 1.0])
+    assert all(r["accepted"] for r in recipe)  # `<=`: equal loss is accepted
+    _, recipe = greedy_soup(items, lambda sd: 1.0 + 1e-9, mode="min", scores=[1.0, 1.0, 1.0, 1.0])
+    assert [r["accepted"] for r in recipe] == [True, False, False, False]
+
+
+def test_non_finite_scores_are_skipped_and_never_read() -> None:
+    items = [CountingMapping(sd) for sd in _ingredients([1.0, 3.0, 9.0, 2.5])]
+    soup, recipe = greedy_soup(items, _distance_to(2.0), scores=[math.nan, -1.0, math.inf, -0.5])
+    assert [(r["index"], r["skipped"], r["accepted"], r["soup_score"]) for r in recipe[2:]] == [
+        (0, True, False, None), (2, True, False, None)
+    ]
+    assert [(r["index"], r["accepted"]) for r in recipe[:2]] == [(3, True), (1, False)]  # 2.75 is worse than 2.5
+    assert [m.times_read for m in items] == [0, 1, 0, 1]
+    torch.testing.assert_close(soup["w"], torch.tensor([2.5]))
+
+
+def test_nan_candidate_score_is_rejected() -> None:
+    items = _ingredients([1.0, 2.0])
+    _, recipe = greedy_soup(items, lambda sd: math.nan, scores=[1.0, 0.0])
+    assert [r["accepted"] for r in recipe] == [True, False]
+
+
+def test_scores_none_evaluates_each_ingredient_first() -> None:
+    items = [CountingMapping(sd) for sd in _ingredients([1.0, 3.0, 9.0, 2.5])]
+    calls = []
+
+    def evaluate(sd):
+        calls.append(float(sd["w"][0]))
+        return _distance_to(2.0)(sd)
+
+    _, recipe = greedy_soup(items, evaluate)
+    assert calls[:4] == [1.0, 3.0, 9.0, 2.5]  # singles, in input order
+    assert len(calls) == 4 + 3
+    assert [r["score"] for r in recipe] == [-0.5, -1.0, -1.0, -7.0]
+    assert [m.times_read for m in items] == [2, 2, 2, 2]  # documented: once to score, once to mix
+
+
+def test_candidates_are_exact_means_in_the_original_dtypes() -> None:
+    dtypes = {"conv.weight": torch.bfloat16, "fc.weight": torch.float32}
+    items = [random_state_dict(i, dtypes if i else {}, offset=2.0) for i in range(4)]
+    candidates = []
+
+    def evaluate(sd):
+        candidates.append(sd)
+        return 10.0  # better than every own score: everything is accepted
+
+    soup, recipe = greedy_soup(items, evaluate, scores=[4.0, 3.0, 2.0, 1.0])
+    assert all(r["accepted"] for r in recipe)
+    for n, cand in enumerate(candidates + [soup], start=2):
+        n = min(n, 4)
+        for k in FLOAT_KEYS:
+            ref = sum(f64(sd[k]) for sd in items[:n]) / n
+            assert cand[k].dtype == items[0][k].dtype
+            assert_rounded(cand[k], ref, sum(f64(sd[k]).abs() for sd in items[:n]) / n, acc_of(items[0][k].dtype), key=k)
+        for k in INT_KEYS:
+            assert torch.equal(cand[k], items[0][k])
+
+
+def test_errors() -> None:
+    items = _ingredients([1.0, 2.0])
+    with pytest.raises(SoupError, match="`ingredients` is empty"):
+        greedy_soup([], lambda sd: 0.0, scores=[])
+    with pytest.raises(SoupError, match=r"`mode` must be 'max' or 'min', got 'maximize'"):
+        greedy_soup(items, lambda sd: 0.0, mode="maximize", scores=[1.0, 2.0])
+    with pytest.raises(SoupError, match=r"`scores` has 3 values but there are 2 ingredients"):
+        greedy_soup(items, lambda sd: 0.0, scores=[1.0, 2.0, 3.0])
+    with pytest.raises(SoupError, match=r"Every ingredient's score is NaN or infinite"):
+        greedy_soup(items, lambda sd: 0.0, scores=[math.nan, -math.inf])
+    with pytest.raises(SoupError, match=r"`scores\[1\]` must be a number, got 'high'"):
+        greedy_soup(items, lambda sd: 0.0, scores=[1.0, "high"])
+    with pytest.raises(SoupError, match=r"must be a number, got \{'acc': 1.0\}"):
+        greedy_soup(items, lambda sd: {"acc": 1.0}, scores=[1.0, 2.0])
+    with pytest.raises(SoupError, match="`evaluate` must be a callable"):
+        greedy_soup(items, None, scores=[1.0, 2.0])
+    bad = [*items, {"w": torch.zeros(2), "steps": torch.tensor(0)}]
+    with pytest.raises(SoupError, match=r"'w': `ingredients\[1\]` has shape \(1,\), `ingredients\[2\]` has shape \(2,\)"):
+        greedy_soup(bad, lambda sd: 0.0, scores=[1.0, 2.0, 0.5])
+
+
+def test_lazy_ingredients_are_checked_before_any_evaluation() -> None:
+    items = [LazyMapping(sd) for sd in _ingredients([1.0, 2.0])] + [LazyMapping({"w": torch.zeros(2), "steps": torch.tensor(0)})]
+    calls = []
+    with pytest.raises(SoupError, match="'w'"):
+        greedy_soup(items, lambda sd: calls.append(1) or 0.0, scores=[1.0, 2.0, 0.5])
+    assert calls == [] and all(set(m.reads.values()) == {0} for m in items)
+
+
+def test_evaluate_may_return_a_tensor() -> None:
+    soup, recipe = greedy_soup(_ingredients([1.0, 3.0]), lambda sd: torch.tensor(1.0), scores=[torch.tensor(1.0), 0.5])
+    assert recipe[1]["soup_score"] == 1.0 and isinstance(recipe[1]["soup_score"], float)
+    assert isinstance(recipe[0]["score"], float)
