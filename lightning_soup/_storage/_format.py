@@ -217,6 +217,8 @@ def tensor_bytes(t: Tensor, key: str) -> tuple[Tensor, memoryview]:
         raise SoupError(f"`{key}` is a {t.layout} tensor; convert it with `.to_dense()` before saving.")
     if t.device.type == "meta":
         raise SoupError(f"`{key}` is a meta tensor: it has no data to save.")
+    if hasattr(t, "placements") and hasattr(t, "full_tensor"):  # a DTensor: gathering is a collective
+        raise SoupError(f"`{key}` is a sharded DTensor; gather it with `.full_tensor()` on every rank first.")
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
