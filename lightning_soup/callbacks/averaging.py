@@ -1,0 +1,566 @@
+"""Checkpoint averaging: the mean of the last ``window`` snapshots of one training run.
+
+LAWA, "latest weight averaging" (Kaddour, *Stop Wasting My Time! Saving Days of ImageNet and BERT Training with
+Latest Weight Averaging*, 2022; Sanyal et al., *Early Weight Averaging meets High Learning Rates for LLM
+Pre-training*, 2023): averaging the last few checkpoints of a run generalises better than the last one.
+
+How it works. A snapshot is the module's weights after every ``every_n_epochs``-th training epoch, or after every
+``every_n_train_steps``-th optimizer step (``trainer.global_step``: gradient accumulation and manual optimization
+count the way Lightning counts them). The training device holds one float32 running sum of the window's floating
+tensors, updated in a single ``_foreach`` pass per snapshot (``sum += new - evicted``, via
+:mod:`lightning_soup.merge._inplace`), with no ``.item()`` and no host synchronisation. The snapshots themselves
+live in ``dirpath/snapshots/`` as safetensors files (``snapshots="disk"``, the default; written by a background
+thread from a host copy, atomically) or in host RAM (``snapshots="cpu"``, pinned when the weights are on CUDA), so
+device memory does not grow with ``window``. To keep float32 add/evict rounding from accumulating, the sum is
+recomputed exactly from the window's snapshots every ``window`` evictions and once more at the end of fit.
+
+Resuming. The callback's checkpoint state is plain counters and file names; on ``trainer.fit(..., ckpt_path=...)``
+the sum is rebuilt from the snapshot files the checkpoint names, so the window continues exactly as if training
+had not stopped. Snapshot files that leave the window are deleted, unless one of the two most recent Lightning
+checkpoints still names them. In ``snapshots="cpu"`` mode the window's snapshots are written to disk when (and
+only when) a checkpoint is saved.
+
+Distributed training. Under DDP-like replicated strategies the replicas are identical, so global rank zero alone
+keeps the window and the running sum (the other ranks keep only the counters), and nothing is communicated during
+training — except with ``validate_average=True``, where rank zero's average is broadcast before every rank runs
+the validation loop on it. At the end of fit rank zero computes the average, :func:`~._base.broadcast_module_`
+gives it to every rank, and only global rank zero writes files; every rank joins each collective, so nothing
+deadlocks. The tensor code is shard-local (it works on :func:`~._base.module_tensors`), ready for FSDP2.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import Tensor
+from typing_extensions import override
+
+from lightning_soup import storage
+from lightning_soup.callbacks import _base
+from lightning_soup.errors import SoupError
+from lightning_soup.merge import _inplace
+
+if TYPE_CHECKING:
+    import pytorch_lightning as pl
+
+SnapshotStorage = Literal["disk", "cpu"]
+_STORAGES = ("disk", "cpu")
+_SNAPSHOT_DIR = "snapshots"
+_AVERAGE_FILE = "average.safetensors"
+_STATE_VERSION = 1
+
+
+class _SnapshotStore:
+    """Rank zero's side of the window: the float32 running sum on the weights' device, and the snapshots.
+
+    Holds no schedule and no names of its own: the callback says which snapshot to add, which to evict and when to
+    recompute exactly. Everything here is shard-local and device-agnostic.
+
+    Args:
+        directory: where snapshot files go (``<name>`` → ``directory/<name>``).
+        mode: ``"disk"`` keeps snapshots only in files; ``"cpu"`` keeps them in host RAM and writes files on demand.
+        template: the module's tensors (``{key: tensor}``); fixes keys, dtypes, shapes and the device of the sum.
+    """
+
+    def __init__(self, directory: Path, mode: str, template: Mapping[str, Tensor]) -> None:
+        self.directory = directory
+        self.mode = mode
+        self.keys = list(template)
+        self.float_keys, floats = _base.floating_items(template)
+        position = {k: i for i, k in enumerate(self.keys)}
+        self._float_index = [position[k] for k in self.float_keys]
+        # One float32 running sum per floating tensor, on that tensor's device: the only device memory we keep.
+        self.sums: list[Tensor] = [torch.zeros_like(t, dtype=torch.float32) for t in floats]
+        self.device = floats[0].device if floats else torch.device("cpu")
+        self._pin = self.device.type == "cuda"
+        self._ram: dict[str, list[Tensor]] = {}  # mode "cpu": name -> host copies, in self.keys order
+        self._ready: dict[str, Any] = {}  # name -> CUDA event recorded after its device-to-host copy
+        self._on_disk: set[str] = set()
+        self._staging: list[Tensor] | None = None  # mode "disk": host copy being written by the worker
+        self._pending: concurrent.futures.Future[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-snapshots")
+        self._lock = threading.Lock()
+
+    # ----------------------------------------------------------------------------------------------------- update
+    @torch.no_grad()
+    def push(
+        self,
+        name: str,
+        live: Mapping[str, Tensor],
+        evicted: str | None = None,
+        exact: Sequence[str] | None = None,
+        recipe: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Add the module's current tensors as snapshot ``name``, evicting snapshot ``evicted``.
+
+        Args:
+            name: the new snapshot's name.
+            live: the module's live tensors (not modified; copied to host/disk).
+            evicted: the snapshot leaving the window, subtracted from the sum (None: the window was not full).
+            exact: when given, the names of the whole window after this push (oldest first, ``name`` last): the
+                sum is recomputed from them instead of updated, which wipes out accumulated rounding.
+            recipe: metadata recorded in the snapshot file.
+        """
+        floats = [live[k] for k in self.float_keys]
+        if self.mode == "disk":
+            self.flush()  # the files read below, and the staging buffers, must be complete
+        if exact is not None:
+            older = [n for n in exact if n != name]
+            self._resum(older, extra=floats)
+        elif evicted is not None:
+            _inplace.accumulate_(self.sums, floats, self._floats_on_device(evicted))
+        else:
+            _inplace.accumulate_(self.sums, floats)
+        self._store(name, [live[k] for k in self.keys], evicted, recipe)
+
+    def _resum(self, names: Sequence[str], extra: list[Tensor] | None = None) -> None:
+        """sums = Σ snapshots ``names`` (oldest first) [+ ``extra``], reading one snapshot at a time."""
+        parts = [lambda n=n: self._floats_on_device(n) for n in names]
+        if extra is not None:
+            parts.append(lambda: extra)
+        if not parts:
+            torch._foreach_zero_(self.sums)
+            return
+        _inplace.assign_(self.sums, parts[0]())
+        for part in parts[1:]:
+            _inplace.accumulate_(self.sums, part())
+
+    @torch.no_grad()
+    def rebuild(self, names: Sequence[str]) -> None:
+        """Recompute the sum exactly from the snapshots ``names`` (after a resume, or at the end of fit).
+
+        In ``"cpu"`` mode snapshots not in RAM are read from their files into RAM first.
+        """
+        if self.mode == "cpu":
+            for n in names:
+                if n not in self._ram:
+                    loaded = storage.load_state_dict(self.directory / n)
+                    self._ram[n] = self._host_copy([loaded[k] for k in self.keys])
+                    self._on_disk.add(n)
+        self._resum(list(names))
+
+    @torch.no_grad()
+    def mean_into_(self, out: Sequence[Tensor], count: int) -> None:
+        """Write ``sum / count`` into the module's floating tensors ``out`` (in their own dtypes)."""
+        _inplace.assign_mean_(list(out), self.sums, count)
+
+    # ---------------------------------------------------------------------------------------------------- storage
+    def _host_copy(self, tensors: Sequence[Tensor], into: list[Tensor] | None = None) -> list[Tensor]:
+        if into is None:
+            into = [torch.empty_like(t, device="cpu", pin_memory=self._pin) for t in tensors]
+        # Device-to-host into pinned memory is asynchronous; an event marks when the host copy is complete.
+        torch._foreach_copy_(into, list(tensors), non_blocking=self._pin)
+        return into
+
+    def _store(self, name: str, tensors: list[Tensor], evicted: str | None, recipe: Mapping[str, Any] | None) -> None:
+        if self.mode == "cpu":
+            # Reuse the evicted snapshot's host buffers (stream order makes its host-to-device read come first).
+            reuse = self._ram.pop(evicted, None) if evicted is not None else None
+            self._ready.pop(evicted, None)
+            self._ram[name] = self._host_copy(tensors, into=reuse)
+            self._ready[name] = self._record_event()
+            self._on_disk.discard(name)
+            return
+        self.flush()  # the worker may still be reading the staging buffers
+        self._staging = self._host_copy(tensors, into=self._staging)
+        event = self._record_event()
+        state = dict(zip(self.keys, self._staging))
+        self._pending = self._executor.submit(self._write, name, state, event, dict(recipe or {}))
+
+    def _record_event(self) -> Any:
+        if not self._pin:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _write(self, name: str, state: dict[str, Tensor], event: Any, recipe: dict[str, Any]) -> None:
+        if event is not None:
+            event.synchronize()
+        storage.save_state_dict(state, self.directory / name, recipe=recipe)
+        with self._lock:
+            self._on_disk.add(name)
+
+    def _floats_on_device(self, name: str) -> list[Tensor]:
+        """Snapshot ``name``'s floating tensors on the sums' device (a transient copy unless already there)."""
+        if self.mode == "cpu" and name in self._ram:
+            host = self._ram[name]
+            floats = [host[i] for i in self._float_index]
+        else:
+            self.flush()
+            state = storage.load_state_dict(self.directory / name, device=str(self.device))
+            floats = [state[k] for k in self.float_keys]
+        if all(t.device == s.device for t, s in zip(floats, self.sums)):
+            return floats
+        return [t.to(s.device, non_blocking=True) for t, s in zip(floats, self.sums)]
+
+    def load(self, name: str) -> dict[str, Tensor]:
+        """All of snapshot ``name``'s tensors (host or device), e.g. for its integer buffers."""
+        if self.mode == "cpu" and name in self._ram:
+            event = self._ready.get(name)
+            if event is not None:
+                event.synchronize()
+            return dict(zip(self.keys, self._ram[name]))
+        self.flush()
+        return storage.load_state_dict(self.directory / name)
+
+    def persist(self, names: Sequence[str], recipes: Mapping[str, Mapping[str, Any]]) -> None:
+        """Make sure snapshots ``names`` exist as files (a checkpoint is about to name them)."""
+        self.flush()
+        for n in names:
+            if n in self._on_disk or n not in self._ram:
+                continue
+            storage.save_state_dict(self.load(n), self.directory / n, recipe=dict(recipes.get(n, {})))
+            self._on_disk.add(n)
+
+    def delete_files(self, names: Sequence[str]) -> None:
+        """Remove snapshot files (after any pending write, so a new file exists before an old one goes)."""
+        if names:
+            self._pending_then(lambda: self._unlink(list(names)))
+
+    def _unlink(self, names: list[str]) -> None:
+        for n in names:
+            (self.directory / n).unlink(missing_ok=True)
+            with self._lock:
+                self._on_disk.discard(n)
+
+    def _pending_then(self, fn: Any) -> None:
+        previous = self._pending
+
+        def job() -> None:
+            if previous is not None:
+                previous.result()
+            fn()
+
+        self._pending = self._executor.submit(job)
+
+    def flush(self) -> None:
+        """Wait for the background file writes; re-raise their error, if any."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        """Finish pending writes and release every buffer."""
+        try:
+            self.flush()
+        finally:
+            self._executor.shutdown(wait=True)
+            self.sums = []
+            self._ram.clear()
+            self._ready.clear()
+            self._staging = None
+
+
+class _CheckpointAveraging(_base.SoupCallback):
+    """Average the last ``window`` snapshots of training (LAWA) and load the average into the module at the end.
+
+    A snapshot is taken after every ``every_n_epochs``-th training epoch, or — when ``every_n_train_steps`` is set,
+    which replaces the epoch schedule — after every ``every_n_train_steps``-th optimizer step. Device memory holds
+    one float32 running sum whatever ``window`` is; the snapshots live in ``dirpath/snapshots/`` (or host RAM with
+    ``snapshots="cpu"``). At the end of fit the average (floating tensors, including BatchNorm running statistics,
+    averaged; integer buffers taken from the newest snapshot) is written to ``dirpath/average.safetensors``, with
+    its recipe in the metadata, and loaded into the module. The raw weights are kept in ``dirpath/final.safetensors``.
+
+    Args:
+        window: how many of the latest snapshots to average.
+        every_n_epochs: take a snapshot after every n-th training epoch (ignored with ``every_n_train_steps``).
+        every_n_train_steps: take a snapshot after every n-th optimizer step instead.
+        dirpath: output folder; default ``<trainer.default_root_dir>/soup``.
+        snapshots: ``"disk"`` keeps the window's snapshots in safetensors files, ``"cpu"`` in host RAM (written to
+            disk only when a Lightning checkpoint needs them for resuming).
+        validate_average: after every snapshot, run the validation loop on the current average and log its metrics
+            as ``average/<metric>`` (e.g. ``average/val/acc``); ``ModelCheckpoint``/``EarlyStopping`` keep
+            monitoring the raw weights' metrics (or may monitor ``average/...``). Costs one validation per snapshot.
+        verbose: print a summary table at the end of fit (global rank zero).
+
+    Raises:
+        SoupError: an argument is invalid (all problems are reported at once).
+
+    Example:
+        >>> from lightning_soup.callbacks.averaging import _CheckpointAveraging
+        >>> _CheckpointAveraging(window=3, every_n_train_steps=100).state_key
+        "CheckpointAveraging{'window': 3, 'every_n_epochs': 1, 'every_n_train_steps': 100, 'dirpath': None}"
+    """
+
+    _produces_weights = True
+
+    def __init__(
+        self,
+        window: int = 5,
+        every_n_epochs: int = 1,
+        every_n_train_steps: int | None = None,
+        dirpath: str | None = None,
+        snapshots: SnapshotStorage = "disk",
+        validate_average: bool = False,
+        verbose: bool = True,
+    ) -> None:
+        problems = []
+
+        def positive_int(name: str, value: Any, optional: bool = False) -> None:
+            if optional and value is None:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                allowed = "an int >= 1" + (" or None" if optional else "")
+                problems.append(f"`{name}` must be {allowed}, got {value!r}")
+
+        positive_int("window", window)
+        positive_int("every_n_epochs", every_n_epochs)
+        positive_int("every_n_train_steps", every_n_train_steps, optional=True)
+        if dirpath is not None and not isinstance(dirpath, (str, Path)):
+            problems.append(f"`dirpath` must be a path string or None, got {dirpath!r}")
+        if snapshots not in _STORAGES:
+            problems.append(f"`snapshots` can be {' or '.join(repr(s) for s in _STORAGES)}, got {snapshots!r}")
+        for flag, value in (("validate_average", validate_average), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                problems.append(f"`{flag}` must be True or False, got {value!r}")
+        if problems:
+            raise SoupError("Invalid CheckpointAveraging arguments: " + "; ".join(problems) + ".")
+
+        self.window = window
+        self.every_n_epochs = every_n_epochs
+        self.every_n_train_steps = every_n_train_steps
+        self._dirpath_arg = None if dirpath is None else str(dirpath)
+        self.snapshots = snapshots
+        self.validate_average = validate_average
+        self.verbose = verbose
+        self._store: _SnapshotStore | None = None
+        self._reset()
+
+    # ------------------------------------------------------------------------------------------------------ state
+    def _reset(self) -> None:
+        # Replicated on every rank (plain types): the window's records, oldest first, and the schedule counters.
+        self._records: list[dict[str, Any]] = []
+        self._taken = 0  # snapshots taken so far in this run (including evicted ones)
+        self._last_epoch = -1  # epoch of the last epoch-schedule snapshot
+        self._last_step = 0  # global_step of the last step-schedule snapshot
+        self._since_exact = 0  # evictions since the sum was last recomputed exactly
+        self._retained: list[str] = []  # evicted files a recent checkpoint still names
+        self._checkpointed: list[list[str]] = []  # the window's files at the two latest checkpoints
+        self._dir: Path | None = None
+        self.average_path: Path | None = None
+        self.recipe: dict[str, Any] | None = None
+
+    @property
+    def state_key(self) -> str:
+        # The class name, not the flavour's qualname, so checkpoints resume across pytorch_lightning/lightning.
+        args = {
+            "window": self.window,
+            "every_n_epochs": self.every_n_epochs,
+            "every_n_train_steps": self.every_n_train_steps,
+            "dirpath": self._dirpath_arg,
+        }
+        return f"CheckpointAveraging{args!r}"
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        files = [r["file"] for r in self._records]
+        # A checkpoint now names these files: keep them on disk until two newer checkpoints exist.
+        self._checkpointed = [*self._checkpointed[-1:], files]
+        return {
+            "version": _STATE_VERSION,
+            "records": [dict(r) for r in self._records],
+            "taken": self._taken,
+            "last_epoch": self._last_epoch,
+            "last_step": self._last_step,
+            "since_exact": self._since_exact,
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._records = [dict(r) for r in state_dict.get("records", [])]
+        self._taken = int(state_dict.get("taken", len(self._records)))
+        self._last_epoch = int(state_dict.get("last_epoch", -1))
+        self._last_step = int(state_dict.get("last_step", 0))
+        self._since_exact = int(state_dict.get("since_exact", 0))
+        self._checkpointed = [[r["file"] for r in self._records]]
+        self._retained = []
+
+    # ------------------------------------------------------------------------------------------------------ hooks
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._close_store()
+        self._reset()  # a new fit starts a new window; a resumed fit loads its state right after setup
+        self._dir = self.prepare_dirpath(trainer)
+        if trainer.is_global_zero:
+            (self._dir / _SNAPSHOT_DIR).mkdir(exist_ok=True)
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        snapshot_dir = self._snapshot_dir(trainer)
+        problem = None
+        if trainer.is_global_zero:
+            missing = [r["file"] for r in self._records if not (snapshot_dir / r["file"]).is_file()]
+            if missing:
+                problem = (
+                    f"Cannot resume CheckpointAveraging: the checkpoint names snapshot files that are missing from "
+                    f"{str(snapshot_dir)!r}: {missing}. Restore them, pass the `dirpath` the run used, or start "
+                    "the average afresh by removing this callback's state from the checkpoint."
+                )
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise SoupError(problem)
+        if trainer.is_global_zero:
+            self._store = _SnapshotStore(snapshot_dir, self.snapshots, _base.module_tensors(pl_module))
+            if self._records:
+                self._store.rebuild([r["file"] for r in self._records])
+
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        n = self.every_n_train_steps
+        step = trainer.global_step
+        # global_step counts optimizer steps: under gradient accumulation it stays put for several batches.
+        if n is None or step <= self._last_step or step % n != 0:
+            return
+        self._last_step = step
+        self._snapshot(trainer, pl_module, on_epoch=False)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        epoch = trainer.current_epoch
+        if self.every_n_train_steps is not None or epoch <= self._last_epoch or (epoch + 1) % self.every_n_epochs:
+            return
+        self._last_epoch = epoch
+        self._snapshot(trainer, pl_module, on_epoch=True)
+
+    @override
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # The checkpoint names the window's files: they must be complete on disk before it is.
+        if self._store is not None:
+            self._store.persist([r["file"] for r in self._records], {r["file"]: self._file_recipe(r) for r in self._records})
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dirpath = self._dir if self._dir is not None else self.dirpath_for(trainer)
+        _base.save_final_weights(trainer, pl_module, dirpath)
+        if not self._records:
+            _base.warn_on_rank_zero(
+                trainer,
+                "CheckpointAveraging took no snapshot (training stopped before the first one was due: "
+                f"{self._schedule_text()}), so the module keeps its trained weights and no average is written.",
+            )
+            self._close_store()
+            return
+        self.recipe = self._recipe()
+        if self._store is not None:
+            # The exact mean of the window, oldest first: no add/evict rounding left in the result.
+            self._store.flush()
+            self._store.rebuild([r["file"] for r in self._records])
+            live = _base.module_tensors(pl_module)
+            self._store.mean_into_([live[k] for k in self._store.float_keys], len(self._records))
+            newest = self._store.load(self._records[-1]["file"])
+            integer = {k: v for k, v in newest.items() if not v.is_floating_point()}
+            with torch.no_grad():
+                _inplace.assign_([live[k] for k in integer], list(integer.values()))
+            self._close_store()
+        _base.broadcast_module_(trainer, pl_module)
+        self.average_path = _base.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
+        if self.verbose:
+            from lightning_soup.callbacks._report import averaging_table
+
+            _base.print_on_rank_zero(trainer, averaging_table(self.recipe, self.average_path))
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_store(raise_errors=False)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close_store(raise_errors=False)
+
+    # ---------------------------------------------------------------------------------------------------- helpers
+    def _snapshot_dir(self, trainer: Any) -> Path:
+        return (self._dir if self._dir is not None else self.dirpath_for(trainer)) / _SNAPSHOT_DIR
+
+    def _snapshot(self, trainer: Any, pl_module: Any, on_epoch: bool) -> None:
+        record = {
+            "file": f"epoch={trainer.current_epoch}-step={trainer.global_step}.safetensors",
+            "epoch": int(trainer.current_epoch),
+            "step": int(trainer.global_step),
+        }
+        evicted = self._records.pop(0)["file"] if len(self._records) == self.window else None
+        self._records.append(record)
+        self._taken += 1
+        exact = None
+        if evicted is not None:
+            self._since_exact += 1
+            if self._since_exact >= self.window:
+                self._since_exact = 0
+                exact = [r["file"] for r in self._records]
+        if self._store is not None:
+            self._store.push(record["file"], _base.module_tensors(pl_module), evicted, exact, self._file_recipe(record))
+            self._delete_unneeded(evicted)
+        if self.validate_average:
+            self._log_average_metrics(trainer, pl_module, on_epoch)
+
+    def _delete_unneeded(self, evicted: str | None) -> None:
+        """Delete evicted snapshot files, except those one of the two latest checkpoints names (for resuming)."""
+        assert self._store is not None
+        candidates = self._retained + ([evicted] if evicted is not None else [])
+        if not candidates:
+            return
+        window = {r["file"] for r in self._records}
+        needed = window.union(*self._checkpointed)
+        self._retained = [n for n in candidates if n in needed]
+        self._store.delete_files([n for n in candidates if n not in needed])
+
+    def _log_average_metrics(self, trainer: Any, pl_module: Any, on_epoch: bool) -> None:
+        """Run the validation loop on the current average and log its metrics as ``average/<name>``."""
+        from lightning_soup.callbacks import _evaluate
+
+        live = _base.module_tensors(pl_module)
+        keys, floats = _base.floating_items(live)
+        with torch.no_grad():
+            raw = [t.clone() for t in floats]  # transient copy of the raw weights
+            if self._store is not None:
+                self._store.mean_into_(floats, len(self._records))
+        try:
+            _base.broadcast_module_(trainer, pl_module)
+            metrics = _evaluate.evaluate(trainer, pl_module)
+        finally:
+            with torch.no_grad():
+                _inplace.assign_(floats, raw)
+            del raw
+        for name, value in metrics.items():
+            pl_module.log(
+                f"average/{name}", float(value), on_step=not on_epoch, on_epoch=on_epoch, batch_size=1, sync_dist=False
+            )
+
+    def _file_recipe(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        return {"method": "snapshot", "epoch": record["epoch"], "global_step": record["step"]}
+
+    def _schedule_text(self) -> str:
+        if self.every_n_train_steps is not None:
+            return f"every_n_train_steps={self.every_n_train_steps}"
+        return f"every_n_epochs={self.every_n_epochs}"
+
+    def _recipe(self) -> dict[str, Any]:
+        return {
+            "method": "checkpoint_averaging",
+            "window": self.window,
+            "every_n_epochs": None if self.every_n_train_steps is not None else self.every_n_epochs,
+            "every_n_train_steps": self.every_n_train_steps,
+            "count": len(self._records),
+            "snapshots_taken": self._taken,
+            "averaged": [{"epoch": r["epoch"], "global_step": r["step"]} for r in self._records],
+        }
+
+    def _close_store(self, raise_errors: bool = True) -> None:
+        store, self._store = self._store, None
+        if store is None:
+            return
+        try:
+            store.close()
+        except Exception:
+            if raise_errors:
+                raise
