@@ -122,3 +122,83 @@ def test_fsdp2_shard_local_plumbing(tmp_path: Path) -> None:
         fwd = load_file(tmp_path / f"forward_rank{rank}.safetensors")
         reference = _sequential_forward({k: v.double() if v.is_floating_point() else v for k, v in after.items()}, fwd["x"])
         torch.testing.assert_close(fwd["y"].double(), reference, rtol=1e-5, atol=1e-5)
+
+
+def _floats64(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def _assert_state_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], what: str) -> None:
+    assert actual.keys() == expected.keys(), what
+    for k in expected:
+        if expected[k].is_floating_point():
+            torch.testing.assert_close(actual[k].double(), expected[k].double(), rtol=1e-6, atol=1e-6, msg=f"{what}: {k}")
+        else:
+            assert torch.equal(actual[k], expected[k]), f"{what}: {k}"
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
+    """Averaging, greedy soup and blend on FSDP2 shards equal the float64 maths on gathered full weights."""
+    ranks = launch("fsdp2_callbacks.py", tmp_path, "pytorch_lightning", timeout=360)
+    soup_dir = tmp_path / "soup"
+    capture = {p.stem: load_file(p) for p in (tmp_path / "capture").glob("*.safetensors")}
+    epochs = [capture[f"epoch{e}"] for e in range(3)]
+    floats = [k for k, v in epochs[0].items() if v.is_floating_point()]
+
+    # No rank gathered, scattered or broadcast weights between on_train_start and on_train_end.
+    for rank, r in enumerate(ranks):
+        assert r["gathers_during_training"] == {}, f"rank {rank} moved whole weights during training: {r['gathers_during_training']}"
+
+    # State kept during training is shard-local: every per-rank file holds this rank's rows of the uneven layer.
+    outputs = {"anchor", "average", "blended", "final", "soup"}
+    state_files = {name: shapes for name, shapes in ranks[0]["files"].items() if Path(name).stem not in outputs}
+    assert state_files, "no snapshot or ingredient files were kept"
+    for name, shapes in state_files.items():
+        assert shapes["net.3.weight"] in ([2, 16], [1, 16]), f"{name} holds {shapes['net.3.weight']}, not a shard"
+    local_rows = sorted({tuple(s["net.3.weight"]) for s in state_files.values()})
+    assert local_rows == [(1, 16), (2, 16)], "both ranks must keep their own shards"
+
+    # Outputs are full files.
+    for name in outputs:
+        assert load_file(soup_dir / f"{name}.safetensors")["net.3.weight"].shape == (3, 16), name
+
+    # final = the raw trained weights; anchor = the weights at fit start.
+    _assert_state_close(load_file(soup_dir / "final.safetensors"), epochs[2], "final")
+    _assert_state_close(load_file(soup_dir / "anchor.safetensors"), capture["initial"], "anchor")
+
+    # CheckpointAveraging(window=2): the float64 mean of the last two epoch snapshots, integers from the newest.
+    expected_avg = {k: (epochs[1][k].double() + epochs[2][k].double()) / 2 if k in floats else epochs[2][k] for k in epochs[2]}
+    _assert_state_close(load_file(soup_dir / "average.safetensors"), expected_avg, "average")
+
+    # GreedySoup: tried in order of rank zero's scores; the soup is the mean of the accepted ingredients.
+    recipe = ranks[0]["recipe"]
+    assert recipe == ranks[1]["recipe"], "both ranks must make the same decisions"
+    scores = {int(e): s for e, s in ranks[0]["scores"].items()}
+    tried = [i["epoch"] for i in recipe["ingredients"]]
+    assert tried == sorted(scores, key=lambda e: (-scores[e], e))
+    assert [i["score"] for i in recipe["ingredients"]] == pytest.approx([scores[e] for e in tried])
+    accepted = [i["epoch"] for i in recipe["ingredients"] if i["accepted"]]
+    assert accepted and accepted[0] == tried[0]
+    expected_soup = {
+        k: sum(epochs[e][k].double() for e in accepted) / len(accepted) if k in floats else epochs[tried[0]][k]
+        for k in epochs[0]
+    }
+    _assert_state_close(load_file(soup_dir / "soup.safetensors"), expected_soup, "soup")
+    # The soup's recorded score is what trainer.validate reports for the soup's weights (every rank validated).
+    assert ranks[0]["validated_soup"]["val/acc"] == pytest.approx(recipe["soup_score"], abs=1e-6)
+
+    # TaskArithmeticBlend(ratio=0.5) of the soup (listed last among the producers) toward the initial weights.
+    expected_blend = {
+        k: capture["initial"][k].double() + 0.5 * (expected_soup[k] - capture["initial"][k].double()) if k in floats
+        else expected_soup[k]
+        for k in expected_soup
+    }
+    blended = load_file(soup_dir / "blended.safetensors")
+    _assert_state_close(blended, expected_blend, "blended")
+
+    # Both ranks end with the blended weights, buffers included (FSDP2 does not synchronise buffers).
+    for rank in range(2):
+        _assert_state_close(load_file(tmp_path / f"module_rank{rank}.safetensors"), blended, f"module on rank {rank}")
