@@ -39,7 +39,7 @@ Distributed training. Every rank takes part in every candidate validation; score
 time (``torch.distributed.broadcast``) as the soup reads it, so all ranks compute the same candidates. Under sharded
 strategies (FSDP2 ``fully_shard``) ingredient files hold the full weights (gathered one tensor at a time) and each
 rank receives only its own shard of every tensor (``distribute_tensor`` from rank zero), so the soup is computed
-shard by shard; online sums are then kept per rank (``-rank{r}`` files).
+shard by shard; online sums are then kept per rank (``dirpath/online/rank{R}/``).
 """
 
 from __future__ import annotations
@@ -195,6 +195,7 @@ class _GreedySoup(_base.SoupCallback):
         if stage != "fit":
             return
         self._reset()  # a new fit starts a new soup; a resumed fit loads its state right after setup
+        _base.check_strategy(trainer, self)
         if trainer.limit_val_batches == 0:
             raise SoupError(
                 "GreedySoup scores its ingredients and candidates with your validation loop, but validation is "
@@ -407,8 +408,7 @@ class _GreedySoup(_base.SoupCallback):
         if soup is None:
             self._online_restart(trainer, pl_module, entry, "accepted")
             return
-        sharded = _base.is_sharded(pl_module)
-        owner = trainer.is_global_zero or sharded
+        owner = _base.owns_state(trainer, pl_module)
         live = _base.module_tensors(pl_module)
         float_keys, floats = _base.floating_items(live)
         sums: list[Tensor] = []
@@ -416,7 +416,7 @@ class _GreedySoup(_base.SoupCallback):
         with _evaluate.preserved_weights(pl_module):
             if owner:
                 # candidate = (soup sum + new) / (count + 1), written straight into the module
-                stored = storage.load_state_dict(self._own_path(trainer, soup["file"], sharded))
+                stored = storage.load_state_dict(self._online_path(trainer, pl_module, soup["file"]))
                 sums = [stored[k].to(t.device) for k, t in zip(float_keys, floats)]
                 with torch.no_grad():
                     _inplace.accumulate_(sums, floats)
@@ -432,7 +432,7 @@ class _GreedySoup(_base.SoupCallback):
             name = self._online_name(entry)
             if owner:
                 state = {**{k: v for k, v in stored.items() if k not in set(float_keys)}, **dict(zip(float_keys, sums))}
-                storage.save_state_dict(state, self._own_path(trainer, name, sharded), recipe=self._sum_recipe())
+                storage.save_state_dict(state, self._online_path(trainer, pl_module, name), recipe=self._sum_recipe())
             trainer.strategy.barrier("lightning_soup.greedy_soup.online")
             self._retained.append(soup["file"])
             self._online = {**soup, "file": name, "count": soup["count"] + 1, "score": candidate}
@@ -444,14 +444,13 @@ class _GreedySoup(_base.SoupCallback):
 
     def _online_restart(self, trainer: Any, pl_module: Any, entry: dict[str, Any], status: str) -> None:
         """Make the module's current weights (alone) the soup."""
-        sharded = _base.is_sharded(pl_module)
         name = self._online_name(entry)
-        if trainer.is_global_zero or sharded:
+        if _base.owns_state(trainer, pl_module):
             live = _base.module_tensors(pl_module)
             float_keys, floats = _base.floating_items(live)
             state = {k: v.detach() for k, v in live.items()}
             state.update(zip(float_keys, _inplace.float32_copy([t.detach() for t in floats])))
-            storage.save_state_dict(state, self._own_path(trainer, name, sharded), recipe=self._sum_recipe())
+            storage.save_state_dict(state, self._online_path(trainer, pl_module, name), recipe=self._sum_recipe())
         trainer.strategy.barrier("lightning_soup.greedy_soup.online")
         if self._online is not None:
             self._retained.append(self._online["file"])
@@ -463,11 +462,10 @@ class _GreedySoup(_base.SoupCallback):
         if soup is None:
             return None
         self._check_files(trainer, pl_module)
-        sharded = _base.is_sharded(pl_module)
-        if trainer.is_global_zero or sharded:
+        if _base.owns_state(trainer, pl_module):
             live = _base.module_tensors(pl_module)
             float_keys, floats = _base.floating_items(live)
-            stored = storage.load_state_dict(self._own_path(trainer, soup["file"], sharded))
+            stored = storage.load_state_dict(self._online_path(trainer, pl_module, soup["file"]))
             with torch.no_grad():
                 _inplace.assign_mean_(floats, [stored[k].to(t.device) for k, t in zip(float_keys, floats)], soup["count"])
                 ints = [k for k in live if k not in set(float_keys)]
@@ -525,20 +523,15 @@ class _GreedySoup(_base.SoupCallback):
     def _path(self, trainer: Any, name: str) -> Path:
         return self._root(trainer) / name
 
-    def _own_path(self, trainer: Any, name: str, sharded: bool) -> Path:
-        """An online sum file: one per rank for sharded modules, rank zero's alone otherwise."""
-        path = self._path(trainer, name)
-        if sharded:
-            path = path.with_name(f"{path.stem}-rank{trainer.global_rank}{path.suffix}")
-        return path
+    def _online_path(self, trainer: Any, pl_module: Any, name: str) -> Path:
+        """An online sum file: rank zero's alone under DDP, one per rank (``online/rank{R}/``) when sharded."""
+        return _base.rank_dir(trainer, pl_module, self._root(trainer), _ONLINE_DIR) / Path(name).name
 
     def _owned_paths(self, trainer: Any, name: str) -> list[Path]:
         """The files of ``name`` this rank is responsible for (for checks and deletion)."""
+        pl_module = trainer.lightning_module
         if name.startswith(_ONLINE_DIR + "/"):
-            sharded = _base.is_sharded(trainer.lightning_module)
-            if sharded or trainer.is_global_zero:
-                return [self._own_path(trainer, name, sharded)]
-            return []
+            return [self._online_path(trainer, pl_module, name)] if _base.owns_state(trainer, pl_module) else []
         return [self._path(trainer, name)] if trainer.is_global_zero else []
 
 
