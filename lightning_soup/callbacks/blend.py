@@ -10,7 +10,6 @@ arithmetic is :func:`lightning_soup.merge._inplace.assign_lerp_`, the in-place f
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -181,6 +180,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        _base.check_strategy(trainer, self)
         self._dirpath = self.prepare_dirpath(trainer)
         self._pending_anchor = False
         self._metrics_checked = False
@@ -236,7 +236,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         dirpath = self._output_dir()
         _base.save_final_weights(trainer, pl_module, dirpath)
         keys, live = _base.floating_items(_base.module_tensors(pl_module))
-        anchor = _load_anchor(trainer, pl_module, self._anchor_path(), keys)
+        # Rank zero reads the file and sends each rank its part; the anchor keeps its own dtypes.
+        anchor_state = _base.read_local_shards(trainer, pl_module, self._anchor_path(), keys)
+        anchor = [anchor_state.pop(k) for k in keys]
         weights = {r: layer_weights(keys, r, self.layer_ratios) for r in self.ratios}
         with torch.no_grad():
             if self._evaluates:
@@ -481,45 +483,6 @@ def _anchor_problem(path: Path, module_meta: Mapping[str, Tensor], *, check_valu
     except SoupError as e:
         return f"{where}: {e}"
     return None
-
-
-def _load_anchor(trainer: Any, pl_module: Any, path: Path, keys: Sequence[str]) -> list[Tensor]:
-    """The anchor's ``keys`` on the module's devices, shard-local like :func:`_base.module_tensors`.
-
-    Rank zero reads the file (other ranks need not see it) and broadcasts one tensor at a time.
-    """
-    from torch import distributed as dist
-
-    state = pl_module.state_dict()
-    distributed = _base.world_size(trainer) > 1 and dist.is_available() and dist.is_initialized()
-    with contextlib.ExitStack() as stack:
-        reader = None
-        dtypes = None
-        if trainer.is_global_zero or not distributed:
-            reader = stack.enter_context(storage.open_state_dict(path))
-            meta = reader.meta()
-            # Keep the anchor's own dtypes (the blend is computed in float32); every rank must allocate alike.
-            dtypes = {k: meta[k].dtype for k in keys}
-        if distributed:
-            dtypes = trainer.strategy.broadcast(dtypes)
-        assert dtypes is not None
-        out = []
-        for key in keys:
-            value = state[key]
-            sharded = _base._is_dtensor(value)
-            device = value.to_local().device if sharded else value.device
-            if reader is not None:
-                full = reader[key].to(device=device)
-            else:
-                full = torch.empty(tuple(value.shape), dtype=dtypes[key], device=device)
-            if sharded:
-                from torch.distributed.tensor import distribute_tensor
-
-                full = distribute_tensor(full, value.device_mesh, value.placements, src_data_rank=0).to_local()
-            elif distributed:
-                dist.broadcast(full, src=0)
-            out.append(full)
-        return out
 
 
 def _json_safe(obj: Any) -> Any:
