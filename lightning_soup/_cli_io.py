@@ -86,7 +86,7 @@ def open_inputs(stack: contextlib.ExitStack, paths: Sequence[tuple[str, str]], p
         inputs.append(Input(path, role, lazy, prefix or ""))
     stem = normalise_prefix(prefix)
     if stem and not any(i.prefix for i in inputs):
-        tops = list(dict.fromkeys(k.split(".", 1)[0] + "." for k in inputs[0]))[:5]
+        tops = list(dict.fromkeys(k.split(".", 1)[0] + ("." if "." in k else "") for k in inputs[0]))[:5]
         raise SoupError(
             f"--prefix {prefix}: no key of any input starts with {stem!r}; the keys of {inputs[0].path} start with "
             f"{', '.join(repr(t) for t in tops) or 'nothing (it is empty)'}"

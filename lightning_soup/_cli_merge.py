@@ -138,15 +138,18 @@ def make_plan(args: Namespace) -> Plan:
 
 
 def check_output(output: Path, args: Namespace, inputs: Sequence[Input] = ()) -> None:
-    """Refuse to overwrite without ``--force``, to replace a file by a folder (or back), or to write over an input."""
-    sharded = args.shard_size is not None
+    """Refuse to overwrite without ``--force``, to replace a folder that is not a checkpoint, or to write over an input."""
     if output.exists() or output.is_symlink():
         if not args.force:
             raise SoupError(f"{output} already exists; pass --force to overwrite it")
-        if sharded and not output.is_dir():
-            raise SoupError(f"{output} is a file but --shard-size writes a folder; remove it or choose another -o")
-        if not sharded and output.is_dir():
-            raise SoupError(f"{output} is a folder; pass --shard-size to write a sharded folder, or choose another -o")
+        if output.is_dir() and not output.is_symlink():
+            # the same rule as the writer's final rename, checked before any work is done
+            others = [c.name for c in output.iterdir() if not (c.is_file() and c.name.endswith((".safetensors", ".index.json")))]
+            if others:
+                raise SoupError(
+                    f"{output} is a folder holding other files than a sharded checkpoint ({', '.join(others[:3])}); "
+                    "refusing to replace it even with --force; choose another -o"
+                )
     target = output.resolve()
     for i in inputs:
         source = Path(i.path).expanduser().resolve()
