@@ -202,3 +202,129 @@ def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
     # Both ranks end with the blended weights, buffers included (FSDP2 does not synchronise buffers).
     for rank in range(2):
         _assert_state_close(load_file(tmp_path / f"module_rank{rank}.safetensors"), blended, f"module on rank {rank}")
+
+
+# ------------------------------------------------------------------------------------------------ DDP family
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_spawn_results_on_disk_when_fit_returns(tmp_path: Path) -> None:
+    """With ddp_spawn the callbacks run in spawned processes; the launching process finds every file written."""
+    (result,) = launch("ddp_spawn.py", tmp_path, "lightning", nprocs=1, mode="single", timeout=360)
+    files = set(result["files"])
+    expected = {"average.safetensors", "soup.safetensors", "soup.json", "blended.safetensors", "final.safetensors",
+                "anchor.safetensors", "blend.json"}
+    assert expected <= files, f"missing after fit returned: {sorted(expected - files)}"
+    assert not any(".tmp" in f or f.startswith(".") for f in files), files  # no temporary files left behind
+    soup_dir = tmp_path / "soup"
+    blended = load_file(soup_dir / "blended.safetensors")
+    # Lightning hands rank zero's module back to the launching process: it holds the blended weights.
+    _assert_state_close(load_file(tmp_path / "launcher_module.safetensors"), blended, "launcher's module")
+    for name in ("average", "soup", "final", "anchor"):
+        assert load_file(soup_dir / f"{name}.safetensors").keys() == blended.keys(), name
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_two_nodes_without_shared_filesystem(tmp_path: Path) -> None:
+    """DDP on 2 single-process nodes with separate disks: rank 1 writes nothing and still ends with the result."""
+    ranks = launch("ddp_nodes.py", tmp_path, "pytorch_lightning", mode="nodes", timeout=360)
+    assert ranks[1]["files"] == [], f"rank 1 wrote to its node's disk: {ranks[1]['files']}"
+    node0 = set(ranks[0]["files"])
+    for name in ("average.safetensors", "soup.safetensors", "soup.json", "blended.safetensors", "blend.json"):
+        assert f"soup/{name}" in node0, name
+    # Decisions are rank zero's, broadcast: both ranks report the same recipe and the same chosen ratio.
+    assert ranks[0]["recipe"] == ranks[1]["recipe"]
+    chosen = [{k: v for k, v in r["blend"].items() if k != "anchor"} for r in ranks]  # the anchor names a local path
+    assert chosen[0] == chosen[1]
+    blended = load_file(tmp_path / "node0" / "soup" / "blended.safetensors")
+    for rank in range(2):
+        _assert_state_close(load_file(tmp_path / f"module_rank{rank}.safetensors"), blended, f"module on rank {rank}")
+
+
+# ------------------------------------------------------------------------------------------ cross-package resume
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize(("first", "second"), [("pytorch_lightning", "lightning"), ("lightning", "pytorch_lightning")])
+def test_checkpoint_resumes_in_the_other_lightning_package(tmp_path: Path, first: str, second: str) -> None:
+    """A run checkpointed with one Lightning package resumes with the other and ends as if never interrupted."""
+    import importlib
+
+    from _models import make_model, trainer_kwargs
+
+    packages = {"pytorch_lightning": ("pytorch_lightning", "lightning_soup"), "lightning": ("lightning.pytorch", "lightning_soup.lightning")}
+    captured: dict[int | str, dict[str, torch.Tensor]] = {}
+    scores: dict[int, float] = {}
+
+    def run(package: str, max_epochs: int, ckpt_path: str | None, stop_at_epoch: int | None) -> tuple:
+        pl, soup = (importlib.import_module(m) for m in packages[package])
+
+        class Capture(pl.Callback):
+            def on_train_start(self, trainer, pl_module):
+                captured.setdefault("initial", {k: v.clone() for k, v in pl_module.state_dict().items()})
+
+            def on_train_epoch_start(self, trainer, pl_module):
+                if trainer.current_epoch == stop_at_epoch:
+                    raise _Interrupt  # a crash after the last checkpoint
+
+            def on_validation_end(self, trainer, pl_module):
+                scores[trainer.current_epoch] = float(trainer.callback_metrics["val/acc"])
+
+            def on_train_epoch_end(self, trainer, pl_module):
+                captured[trainer.current_epoch] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+
+        soup_dir = str(tmp_path / "soup")
+        callbacks = [
+            Capture(),
+            soup.TaskArithmeticBlend(anchor="initial", ratio=0.5, dirpath=soup_dir),
+            soup.CheckpointAveraging(window=3, dirpath=soup_dir),
+            soup.GreedySoup(monitor="val/acc", dirpath=soup_dir),
+            pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=True),
+        ]
+        model = make_model(pl, seed=0)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=callbacks))
+        if stop_at_epoch is None:
+            trainer.fit(model, ckpt_path=ckpt_path)
+        else:
+            with pytest.raises(_Interrupt):
+                trainer.fit(model, ckpt_path=ckpt_path)
+        return model, callbacks
+
+    run(first, max_epochs=4, ckpt_path=None, stop_at_epoch=2)
+    assert sorted(k for k in captured if isinstance(k, int)) == [0, 1]
+    model, callbacks = run(second, max_epochs=4, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), stop_at_epoch=None)
+    assert sorted(k for k in captured if isinstance(k, int)) == [0, 1, 2, 3]  # resumed at epoch 2, not from scratch
+
+    soup_dir = tmp_path / "soup"
+    floats = [k for k, v in captured[0].items() if v.is_floating_point()]
+    # The averaging window spans the interruption: epochs 1 (first package), 2 and 3 (second package).
+    expected_avg = {k: sum(captured[e][k].double() for e in (1, 2, 3)) / 3 if k in floats else captured[3][k] for k in captured[3]}
+    _assert_state_close(load_file(soup_dir / "average.safetensors"), expected_avg, "average")
+    # The soup's ingredients include those taken before the interruption.
+    recipe = callbacks[3].recipe
+    tried = [i["epoch"] for i in recipe["ingredients"]]
+    assert sorted(tried) == [0, 1, 2, 3]
+    assert [i["score"] for i in recipe["ingredients"]] == pytest.approx([scores[e] for e in tried])
+    accepted = [i["epoch"] for i in recipe["ingredients"] if i["accepted"]]
+    expected_soup = {
+        k: sum(captured[e][k].double() for e in accepted) / len(accepted) if k in floats else captured[tried[0]][k]
+        for k in captured[0]
+    }
+    _assert_state_close(load_file(soup_dir / "soup.safetensors"), expected_soup, "soup")
+    # The blend's anchor is the first run's initial weights, not the weights the second run resumed from.
+    initial = captured["initial"]
+    expected_blend = {
+        k: initial[k].double() + 0.5 * (expected_soup[k] - initial[k].double()) if k in floats else expected_soup[k]
+        for k in expected_soup
+    }
+    _assert_state_close(load_file(soup_dir / "blended.safetensors"), expected_blend, "blended")
+    _assert_state_close(dict(model.state_dict()), expected_blend, "module")
