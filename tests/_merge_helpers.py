@@ -27,7 +27,9 @@ FLOAT_KEYS = [k for k, (_, dt) in LAYOUT.items() if dt.is_floating_point]
 INT_KEYS = [k for k, (_, dt) in LAYOUT.items() if not dt.is_floating_point]
 
 
-def random_state_dict(seed: int, dtypes: Mapping[str, torch.dtype] | None = None, offset: float = 0.0) -> dict[str, Tensor]:
+def random_state_dict(
+    seed: int, dtypes: Mapping[str, torch.dtype] | None = None, offset: float = 0.0
+) -> dict[str, Tensor]:
     """A state dict with LAYOUT's keys; `dtypes` overrides some keys' dtype (e.g. bf16 in one input only)."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, Tensor] = {}
@@ -57,7 +59,9 @@ def assert_unchanged(before: Mapping[str, Tensor], after: Mapping[str, Tensor]) 
         assert torch.equal(after[k], before[k]), f"input {k!r} was modified"
 
 
-def assert_rounded(out: Tensor, ref: Tensor, mag: Tensor | None = None, acc: torch.dtype = torch.float32, key: str = "") -> None:
+def assert_rounded(
+    out: Tensor, ref: Tensor, mag: Tensor | None = None, acc: torch.dtype = torch.float32, key: str = ""
+) -> None:
     """`out` is `ref` (float64) computed in `acc` and rounded once into out's dtype.
 
     Allowed error: half an ulp of out's dtype (the final rounding) plus 16 ulps of `acc` relative to `mag`, the

@@ -49,7 +49,9 @@ def test_all_shape_mismatches_named_with_both_shapes() -> None:
     assert "vocabular" not in msg
 
 
-@pytest.mark.parametrize("key", ["model.embed_tokens.weight", "transformer.wte.weight", "lm_head.weight", "classifier.bias", "proj.weight"])
+@pytest.mark.parametrize(
+    "key", ["model.embed_tokens.weight", "transformer.wte.weight", "lm_head.weight", "classifier.bias", "proj.weight"]
+)
 def test_vocabulary_hint(key) -> None:
     shape = (100,) if key.endswith("bias") else (100, 8)
     other = (120,) + shape[1:]
@@ -64,7 +66,8 @@ def test_no_vocabulary_hint_for_other_dims() -> None:
 
 
 def test_floating_versus_integer_kind_mismatch() -> None:
-    with pytest.raises(SoupError, match=r"'n': `state_dicts\[0\]` has dtype torch.float32, `state_dicts\[1\]` has dtype torch.int64"):
+    match = r"'n': `state_dicts\[0\]` has dtype torch.float32, `state_dicts\[1\]` has dtype torch.int64"
+    with pytest.raises(SoupError, match=match):
         uniform_soup([{"n": torch.zeros(1)}, {"n": torch.zeros(1, dtype=torch.int64)}])
 
 

@@ -109,7 +109,8 @@ def test_key_by_key_equals_whole_dict(case: Case) -> None:
     pieces: dict[str, torch.Tensor] = {}
     for key in reversed(list(sds[0])):  # one key at a time, in reverse order: nothing depends on position
         if case.name == "task_arithmetic":
-            one = merge.task_arithmetic({key: sds[0][key]}, [{key: tv[key]} if key in tv else {} for tv in tvs], [0.5, -0.25])
+            one_tvs = [{key: tv[key]} if key in tv else {} for tv in tvs]
+            one = merge.task_arithmetic({key: sds[0][key]}, one_tvs, [0.5, -0.25])
         else:
             one = case.call([{key: sd[key]} for sd in sds])
         pieces.update(one)

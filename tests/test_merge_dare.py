@@ -28,7 +28,8 @@ def test_matches_reference(density, scale, seed) -> None:
         ref, mag = f64(base[k]).clone(), f64(base[k]).abs()
         for i, ft in enumerate(fts):
             delta = f64(ft[k]) - f64(base[k])
-            keep = _mask(base[k].shape, seed, i, k, density) if density < 1 else torch.ones(base[k].shape, dtype=torch.bool)
+            everything = torch.ones_like(delta, dtype=torch.bool)
+            keep = _mask(base[k].shape, seed, i, k, density) if density < 1 else everything
             ref = ref + scale * torch.where(keep, delta, 0.0) / density
             mag = mag + abs(scale) * (f64(ft[k]).abs() + f64(base[k]).abs()) / density
         assert out[k].dtype == base[k].dtype
@@ -63,7 +64,8 @@ def test_drop_statistics() -> None:
 def test_same_mask_for_any_dtype() -> None:
     base = {"w": torch.zeros(1000)}
     kept32 = dare(base, [{"w": torch.ones(1000)}], 0.5, seed=5)["w"] != 0
-    kept16 = dare({"w": torch.zeros(1000, dtype=torch.bfloat16)}, [{"w": torch.ones(1000, dtype=torch.bfloat16)}], 0.5, seed=5)["w"] != 0
+    base16, ft16 = {"w": torch.zeros(1000, dtype=torch.bfloat16)}, {"w": torch.ones(1000, dtype=torch.bfloat16)}
+    kept16 = dare(base16, [ft16], 0.5, seed=5)["w"] != 0
     assert torch.equal(kept32, kept16)
 
 

@@ -6,7 +6,16 @@ import math
 
 import pytest
 import torch
-from _merge_helpers import FLOAT_KEYS, INT_KEYS, CountingMapping, LazyMapping, acc_of, assert_rounded, f64, random_state_dict
+from _merge_helpers import (
+    FLOAT_KEYS,
+    INT_KEYS,
+    CountingMapping,
+    LazyMapping,
+    acc_of,
+    assert_rounded,
+    f64,
+    random_state_dict,
+)
 
 from lightning_soup import SoupError
 from lightning_soup.merge import greedy_soup
@@ -112,7 +121,8 @@ def test_candidates_are_exact_means_in_the_original_dtypes() -> None:
         for k in FLOAT_KEYS:
             ref = sum(f64(sd[k]) for sd in items[:n]) / n
             assert cand[k].dtype == items[0][k].dtype
-            assert_rounded(cand[k], ref, sum(f64(sd[k]).abs() for sd in items[:n]) / n, acc_of(items[0][k].dtype), key=k)
+            mag = sum(f64(sd[k]).abs() for sd in items[:n]) / n
+            assert_rounded(cand[k], ref, mag, acc_of(items[0][k].dtype), key=k)
         for k in INT_KEYS:
             assert torch.equal(cand[k], items[0][k])
 
@@ -134,12 +144,14 @@ def test_errors() -> None:
     with pytest.raises(SoupError, match="`evaluate` must be a callable"):
         greedy_soup(items, None, scores=[1.0, 2.0])
     bad = [*items, {"w": torch.zeros(2), "steps": torch.tensor(0)}]
-    with pytest.raises(SoupError, match=r"'w': `ingredients\[1\]` has shape \(1,\), `ingredients\[2\]` has shape \(2,\)"):
+    match = r"'w': `ingredients\[1\]` has shape \(1,\), `ingredients\[2\]` has shape \(2,\)"
+    with pytest.raises(SoupError, match=match):
         greedy_soup(bad, lambda sd: 0.0, scores=[1.0, 2.0, 0.5])
 
 
 def test_lazy_ingredients_are_checked_before_any_evaluation() -> None:
-    items = [LazyMapping(sd) for sd in _ingredients([1.0, 2.0])] + [LazyMapping({"w": torch.zeros(2), "steps": torch.tensor(0)})]
+    bad = {"w": torch.zeros(2), "steps": torch.tensor(0)}
+    items = [LazyMapping(sd) for sd in [*_ingredients([1.0, 2.0]), bad]]
     calls = []
     with pytest.raises(SoupError, match="'w'"):
         greedy_soup(items, lambda sd: calls.append(1) or 0.0, scores=[1.0, 2.0, 0.5])

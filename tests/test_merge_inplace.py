@@ -42,7 +42,8 @@ def test_accumulate_add_and_sub() -> None:
         assert s.dtype in (torch.float32, torch.float64)
         assert_rounded(s, s0 + f64(a) - f64(b), s0.abs() + f64(a).abs() + f64(b).abs(), acc=s.dtype)
     accumulate_(sums, add)
-    assert_rounded(sums[1], start[1] + 2 * f64(add[1]) - f64(sub[1]), start[1].abs() + 2 * f64(add[1]).abs() + f64(sub[1]).abs())
+    s0, a, b = start[1], f64(add[1]), f64(sub[1])
+    assert_rounded(sums[1], s0 + 2 * a - b, s0.abs() + 2 * a.abs() + b.abs())
 
 
 def test_accumulate_length_mismatch() -> None:
@@ -84,7 +85,8 @@ def test_assign_lerp_same_dtype(alias, weight) -> None:
     assign_lerp_(out, start, end, weights if weight == "per-tensor" else weight)
     for o, a, b, w, d in zip(out, s0, e0, weights, DTYPES):
         assert o.dtype == d
-        assert_rounded(o, a + w * (b - a), a.abs() + abs(w) * (a.abs() + b.abs()), acc=torch.float64 if d == torch.float64 else torch.float32)
+        acc = torch.float64 if d == torch.float64 else torch.float32
+        assert_rounded(o, a + w * (b - a), a.abs() + abs(w) * (a.abs() + b.abs()), acc=acc)
         if w == 0.0:
             assert torch.equal(f64(o), a)
         if w == 1.0:

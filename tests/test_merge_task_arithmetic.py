@@ -11,7 +11,12 @@ from _merge_helpers import FLOAT_KEYS, INT_KEYS, acc_of, assert_rounded, f64, ra
 from lightning_soup import SoupError
 from lightning_soup.merge import interpolate, task_arithmetic, task_vector
 
-MIXED = {"temperature": torch.bfloat16, "conv.weight": torch.float16, "fc.weight": torch.float32, "embed.weight": torch.float64}
+MIXED = {
+    "temperature": torch.bfloat16,
+    "conv.weight": torch.float16,
+    "fc.weight": torch.float32,
+    "embed.weight": torch.float64,
+}
 
 
 def test_task_vector() -> None:
@@ -77,7 +82,8 @@ def test_task_vector_errors() -> None:
     with pytest.raises(SoupError, match=r"`task_vectors\[0\]` has 1 key not in `base`: 'lora.A'"):
         task_arithmetic(base, [extra], 1.0)
     wrong = {**tv, "conv.weight": torch.zeros(4, 3, 3)}
-    with pytest.raises(SoupError, match=r"'conv.weight': `base` has shape \(4, 3, 3, 3\), `task_vectors\[0\]` has shape \(4, 3, 3\)"):
+    match = r"'conv.weight': `base` has shape \(4, 3, 3, 3\), `task_vectors\[0\]` has shape \(4, 3, 3\)"
+    with pytest.raises(SoupError, match=match):
         task_arithmetic(base, [wrong], 1.0)
     ints = {**tv, "conv.bias": torch.zeros(4, dtype=torch.int64)}
     with pytest.raises(SoupError, match=r"`task_vectors\[0\]`\['conv.bias'\] has dtype torch.int64"):
@@ -142,7 +148,10 @@ def test_interpolate_warns_about_patterns_that_match_nothing() -> None:
         ({"ratio": math.nan}, r"`ratio` must be a finite real number, got nan"),
         ({"ratio": "0.5"}, r"`ratio` must be a finite real number, got '0.5' \(str\)"),
         ({"ratio": True}, r"`ratio` must be a finite real number, got True"),
-        ({"ratio": 0.5, "layer_ratios": {"fc.*": math.inf}}, r"`layer_ratios\['fc.\*'\]` must be a finite real number, got inf"),
+        (
+            {"ratio": 0.5, "layer_ratios": {"fc.*": math.inf}},
+            r"`layer_ratios\['fc.\*'\]` must be a finite real number, got inf",
+        ),
         ({"ratio": 0.5, "layer_ratios": {3: 0.1}}, r"`layer_ratios` patterns must be strings"),
         ({"ratio": 0.5, "layer_ratios": [("fc.*", 0.1)]}, r"`layer_ratios` must map fnmatch patterns to ratios"),
     ],

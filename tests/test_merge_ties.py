@@ -101,5 +101,6 @@ def test_bad_scale_and_inputs() -> None:
     with pytest.raises(SoupError, match="`finetuned` must be a sequence of state dicts, got a single mapping"):
         ties(sd, sd, 0.5)
     other = {**sd, "embed.weight": torch.zeros(12, 6)}
-    with pytest.raises(SoupError, match=r"'embed.weight': `base` has shape \(11, 6\), `finetuned\[1\]` has shape \(12, 6\)"):
+    match = r"'embed.weight': `base` has shape \(11, 6\), `finetuned\[1\]` has shape \(12, 6\)"
+    with pytest.raises(SoupError, match=match):
         ties(sd, [sd, other], 0.5)

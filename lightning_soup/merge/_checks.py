@@ -79,7 +79,8 @@ def _prefix_hint(ref_name: str, name: str, missing: list[str], unexpected: list[
     """Say so when two key sets differ only by a prefix (``model.`` from a LightningModule attribute, ...)."""
     if not missing or len(missing) != len(unexpected):
         return None
-    for longer, shorter, added_to, other in ((unexpected, missing, name, ref_name), (missing, unexpected, ref_name, name)):
+    candidates = ((unexpected, missing, name, ref_name), (missing, unexpected, ref_name, name))
+    for longer, shorter, added_to, other in candidates:
         head, tail = longer[0], shorter[0]
         if head.endswith(tail) and len(head) > len(tail):
             prefix = head[: len(head) - len(tail)]
@@ -96,6 +97,14 @@ def _vocab_like(key: str, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     if len(a) != len(b) or not a or a[0] == b[0] or a[1:] != b[1:]:
         return False
     return bool(_VOCAB_LIKE.search(key)) or (len(a) == 2 and key.endswith("weight"))
+
+
+def layout(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Shapes and dtypes without reading data: ``state_dict.meta()`` for lazy on-disk mappings, else itself."""
+    meta = getattr(state_dict, "meta", None)
+    if callable(meta) and not isinstance(state_dict, dict):
+        return meta()
+    return state_dict
 
 
 def check_state_dict(state_dict: Any, name: str) -> Mapping[str, Any]:
@@ -122,13 +131,8 @@ def check_state_dicts(state_dicts: Any, name: str) -> list[Mapping[str, Any]]:
         raise SoupError(
             f"`{name}` must be a sequence of state dicts, got a single mapping; wrap it in a list: `[{name}]`."
         )
-    if isinstance(state_dicts, (str, bytes, Tensor)) or not isinstance(state_dicts, (Sequence, list, tuple)):
-        try:
-            state_dicts = list(state_dicts)
-        except TypeError:
-            raise SoupError(
-                f"`{name}` must be a sequence of state dicts, got {type(state_dicts).__name__}."
-            ) from None
+    if isinstance(state_dicts, (str, bytes, Tensor)) or not hasattr(state_dicts, "__iter__"):
+        raise SoupError(f"`{name}` must be a sequence of state dicts, got {type(state_dicts).__name__}.")
     state_dicts = list(state_dicts)
     if not state_dicts:
         raise SoupError(f"`{name}` is empty: give at least one state dict to merge.")
@@ -143,7 +147,8 @@ def check_state_dicts(state_dicts: Any, name: str) -> list[Mapping[str, Any]]:
 def check_compatible(state_dicts: Sequence[Mapping[str, Any]], names: Sequence[str] | None = None) -> None:
     """Check that state dicts have the same keys and, key by key, the same shapes; the first one is the reference.
 
-    Values only need ``.shape`` and ``.dtype`` (meta tensors work). A key must be floating point in every input
+    Values only need ``.shape`` and ``.dtype`` (meta tensors work), and a lazy mapping with a ``meta()`` method
+    (``LazyStateDict``) is checked through it, without reading any data. A key must be floating point in every input
     or in none; floating dtypes may differ (they are computed in float32 or better).
 
     Args:
@@ -165,7 +170,7 @@ def check_compatible(state_dicts: Sequence[Mapping[str, Any]], names: Sequence[s
           `b` is missing 1 key of `a`: 'w'
           `b` has 1 unexpected key not in `a`: 'v'
     """
-    state_dicts = list(state_dicts)
+    state_dicts = [layout(sd) for sd in state_dicts]
     if not state_dicts:
         raise SoupError("No state dicts to merge: got an empty sequence; give at least one state dict.")
     names = [f"state_dicts[{i}]" for i in range(len(state_dicts))] if names is None else list(names)
@@ -199,10 +204,13 @@ def check_compatible(state_dicts: Sequence[Mapping[str, Any]], names: Sequence[s
         missing = [k for k in ref.keys() if k not in sd]
         unexpected = [k for k in sd.keys() if k not in ref_set]
         if missing:
-            key_lines.append(f"  `{name}` is missing {_plural(len(missing), 'key')} of `{ref_name}`: {_keys_text(missing)}")
+            key_lines.append(
+                f"  `{name}` is missing {_plural(len(missing), 'key')} of `{ref_name}`: {_keys_text(missing)}"
+            )
         if unexpected:
             key_lines.append(
-                f"  `{name}` has {_plural(len(unexpected), 'unexpected key')} not in `{ref_name}`: {_keys_text(unexpected)}"
+                f"  `{name}` has {_plural(len(unexpected), 'unexpected key')} not in `{ref_name}`: "
+                + _keys_text(unexpected)
             )
         hint = _prefix_hint(ref_name, name, missing, unexpected)
         if hint:
@@ -263,7 +271,9 @@ def check_task_vectors(base: Mapping[str, Any], task_vectors: Sequence[Mapping[s
         missing = [k for k in float_keys if k not in tv]
         unexpected = [k for k in tv.keys() if k not in base]
         if missing:
-            lines.append(f"  `{name}` is missing {_plural(len(missing), 'floating key')} of `base`: {_keys_text(missing)}")
+            lines.append(
+                f"  `{name}` is missing {_plural(len(missing), 'floating key')} of `base`: {_keys_text(missing)}"
+            )
         if unexpected:
             lines.append(f"  `{name}` has {_plural(len(unexpected), 'key')} not in `base`: {_keys_text(unexpected)}")
         hint = _prefix_hint("base", name, missing, unexpected)
@@ -345,10 +355,11 @@ def check_weights(weights: Any, count: int, name: str = "weights") -> list[float
     Example:
         >>> check_weights([1, 2], 2)
         [1.0, 2.0]
-        >>> check_weights([1, -2, float("inf")], 3)
+        >>> check_weights([1, -2, float("inf")], 3)  # doctest: +NORMALIZE_WHITESPACE
         Traceback (most recent call last):
         ...
-        lightning_soup.errors.SoupError: `weights` must be finite, non-negative numbers; got weights[1]=-2, weights[2]=inf.
+        lightning_soup.errors.SoupError: `weights` must be finite, non-negative numbers;
+        got weights[1]=-2, weights[2]=inf.
     """
     values = _as_list(weights, name, f"a sequence of {count} numbers (one per state dict)")
     if len(values) != count:

@@ -24,28 +24,26 @@ def acc_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def layout(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
-    """Shapes and dtypes without reading data: ``state_dict.meta()`` for lazy on-disk mappings, else itself."""
-    meta = getattr(state_dict, "meta", None)
-    if callable(meta) and not isinstance(state_dict, dict):
-        return meta()
-    return state_dict
-
-
 def materialize(state_dict: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """Read every tensor exactly once (lazy mappings load on access); plain dicts are used as they are."""
     return state_dict if isinstance(state_dict, dict) else dict(state_dict.items())
+
+
+def has_metadata(state_dict: Mapping[str, Any]) -> bool:
+    """Whether shapes and dtypes can be checked without reading tensors: a dict, or a mapping with ``meta()``."""
+    return isinstance(state_dict, dict) or callable(getattr(state_dict, "meta", None))
 
 
 def prepare(state_dicts: Sequence[Any], names: Sequence[str]) -> list[Mapping[str, Tensor]]:
     """Type-check, check compatibility (on metadata first when available) and read each input once."""
     for sd, name in zip(state_dicts, names):
         check_state_dict(sd, name)
-    lazy = [not isinstance(sd, dict) and callable(getattr(sd, "meta", None)) for sd in state_dicts]
-    if any(lazy):
-        check_compatible([layout(sd) for sd in state_dicts], names)
+    early = all(has_metadata(sd) for sd in state_dicts)
+    if early:
+        check_compatible(state_dicts, names)  # lazy mappings through meta(): fails before reading any data
     loaded = [materialize(sd) for sd in state_dicts]
-    check_compatible(loaded, names)
+    if not early or any(a is not b for a, b in zip(loaded, state_dicts)):
+        check_compatible(loaded, names)  # what was read can differ from what a lazy mapping announced
     return loaded
 
 

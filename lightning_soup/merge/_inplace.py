@@ -24,7 +24,8 @@ __all__ = ["accumulate_", "assign_", "assign_lerp_", "assign_mean_", "float32_co
 def _same_length(**lists: Sequence[Tensor] | None) -> None:
     sizes = {name: len(v) for name, v in lists.items() if v is not None}
     if len(set(sizes.values())) > 1:
-        raise SoupError("Tensor lists must have the same length, got " + ", ".join(f"`{k}`: {n}" for k, n in sizes.items()))
+        got = ", ".join(f"`{k}`: {n}" for k, n in sizes.items())
+        raise SoupError(f"Tensor lists must have the same length, got {got}.")
 
 
 def _aliases(a: Tensor, b: Tensor) -> bool:
@@ -168,7 +169,7 @@ def assign_lerp_(
 def layer_weights(
     keys: Sequence[str], ratio: float, layer_ratios: Mapping[str, float] | None = None
 ) -> list[float]:
-    """The ratio of each key: that of the first `layer_ratios` pattern (fnmatch, case-sensitive) it matches, else `ratio`.
+    """Each key's ratio: that of the first `layer_ratios` pattern it matches (fnmatch, case-sensitive), else `ratio`.
 
     Args:
         keys: state-dict keys.
@@ -187,11 +188,14 @@ def layer_weights(
         return [ratio] * len(keys)
     if not isinstance(layer_ratios, Mapping):
         raise SoupError(
-            f"`layer_ratios` must map fnmatch patterns to ratios, e.g. {{'*.bias': 0.0}}, got {type(layer_ratios).__name__}."
+            "`layer_ratios` must map fnmatch patterns to ratios, e.g. {'*.bias': 0.0}, "
+            f"got {type(layer_ratios).__name__}."
         )
     bad = [repr(p) for p in layer_ratios if not isinstance(p, str)]
     if bad:
-        raise SoupError(f"`layer_ratios` patterns must be strings (fnmatch patterns over key names), got {', '.join(bad)}.")
+        raise SoupError(
+            f"`layer_ratios` patterns must be strings (fnmatch patterns over key names), got {', '.join(bad)}."
+        )
     patterns = [(p, check_real(r, f"layer_ratios[{p!r}]")) for p, r in layer_ratios.items()]
     out = []
     for key in keys:

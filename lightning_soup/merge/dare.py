@@ -81,7 +81,11 @@ def dare(
 
 
 def drop_mask(shape: torch.Size, seed: int, index: int, key: str, density: float) -> Tensor:
-    """The CPU keep-mask of fine-tune `index` for `key`: True with probability `density`, from ``crc32(seed, index, key)``."""
+    """The CPU keep-mask of fine-tune `index` for `key`: True with probability `density`.
+
+    The generator is seeded with ``crc32(f"{seed}\\0{index}\\0{key}")``, so the mask depends on nothing else (not on
+    the other keys, the device or the dtype).
+    """
     generator = torch.Generator(device="cpu")
     generator.manual_seed(zlib.crc32(f"{seed}\0{index}\0{key}".encode()))
     return torch.rand(shape, generator=generator) < density

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lightning_soup.errors import SoupError
 from lightning_soup.merge._checks import check_compatible, check_mode, check_state_dicts
-from lightning_soup.merge._core import acc_dtype, copy_non_floating, layout, materialize, move
+from lightning_soup.merge._core import acc_dtype, copy_non_floating, has_metadata, materialize, move
 
 __all__ = ["greedy_soup"]
 
@@ -74,10 +74,12 @@ def greedy_soup(
         raise SoupError(f"`evaluate` must be a callable returning a score, got {type(evaluate).__name__}.")
     names = [f"ingredients[{i}]" for i in range(len(items))]
     if scores is None:
-        own = [_score(evaluate(dict(materialize(sd).items())), f"evaluate(ingredients[{i}])") for i, sd in enumerate(items)]
+        own = [_score(evaluate(dict(materialize(sd))), f"evaluate(ingredients[{i}])") for i, sd in enumerate(items)]
     else:
         if isinstance(scores, (str, bytes, Mapping)) or not hasattr(scores, "__len__"):
-            raise SoupError(f"`scores` must be a sequence of {len(items)} numbers (one per ingredient), got {scores!r}.")
+            raise SoupError(
+                f"`scores` must be a sequence of {len(items)} numbers (one per ingredient), got {scores!r}."
+            )
         if len(scores) != len(items):
             raise SoupError(
                 f"`scores` has {len(scores)} values but there are {len(items)} ingredients; give one score per "
@@ -95,9 +97,9 @@ def greedy_soup(
     order = sorted(finite, key=lambda i: -own[i] if mode == "max" else own[i])
     better = (lambda new, old: new >= old) if mode == "max" else (lambda new, old: new <= old)
 
-    # a lazy mapping's metadata lets a mismatch fail before hours of evaluation
-    if all(not isinstance(sd, dict) and callable(getattr(sd, "meta", None)) for sd in items):
-        check_compatible([layout(items[i]) for i in order], [names[i] for i in order])
+    # dicts and lazy mappings' metadata let a mismatch fail before hours of evaluation
+    if all(has_metadata(items[i]) for i in order):
+        check_compatible([items[i] for i in order], [names[i] for i in order])
 
     first = order[0]
     best = materialize(items[first])
