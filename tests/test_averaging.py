@@ -232,7 +232,7 @@ def test_summary_printed(flavour: Any, tmp_path: Path, capsys: pytest.CaptureFix
 # ------------------------------------------------------------------------------------------------------- drift
 
 
-@pytest.mark.parametrize(("mode", "updates"), [("cpu", 3000), ("disk", 150)])
+@pytest.mark.parametrize(("mode", "updates"), [("cpu", 2000), ("disk", 150)])
 def test_running_sum_does_not_drift(tmp_path: Path, mode: str, updates: int) -> None:
     """Thousands of add/evict updates on values that stress float32 (a large offset plus small variations)."""
     window = 7
@@ -309,6 +309,7 @@ def crash_class(pl: Any) -> type:
 
 # With validation the last checkpoint is saved before the epoch-end snapshot (so the resumed run retakes it);
 # without, after it. "cpu" snapshots reach the disk only when a checkpoint names them.
+@pytest.mark.slow
 @pytest.mark.parametrize(("snapshots", "validation"), [("disk", True), ("cpu", False)])
 def test_crash_and_resume_equals_uninterrupted(flavour: Any, tmp_path: Path, snapshots: str, validation: bool) -> None:
     pl = flavour.pl
@@ -395,6 +396,8 @@ def test_validate_average_logs_average_metrics_without_touching_raw_ones(flavour
     raw.load_state_dict(load_file(tmp_path / "soup" / "final.safetensors"))
     raw_report = pl.Trainer(**trainer_kwargs(tmp_path)).validate(raw, verbose=False)[0]
     assert seen[-1]["val/acc"] == pytest.approx(raw_report["val/acc"], abs=1e-6)
+    assert seen[-1]["val/loss"] == pytest.approx(raw_report["val/loss"], abs=1e-6)
+    assert seen[-1]["val/loss"] != pytest.approx(seen[-1]["average/val/loss"], abs=1e-4)  # distinguishable
     assert float(checkpoint.best_model_score) == pytest.approx(max(s["val/acc"] for s in seen), abs=1e-6)
 
 
@@ -419,11 +422,13 @@ DDP_WORKER = textwrap.dedent(
     capture = Capture()
     model = make_model(pl)
     kwargs = trainer_kwargs(out, devices=2, strategy="ddp", max_epochs=4, deterministic=False)
-    trainer = pl.Trainer(callbacks=[CheckpointAveraging(window=3, verbose=False), capture], **kwargs)
+    averaging = CheckpointAveraging(window=3, validate_average=True, verbose=False)
+    trainer = pl.Trainer(callbacks=[capture, averaging], **kwargs)
     trainer.fit(model)
     rank = trainer.global_rank
     torch.save({"module": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "snapshots": capture.snapshots}, f"{out}/rank{rank}.pt")
+                "snapshots": capture.snapshots,
+                "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()}}, f"{out}/rank{rank}.pt")
     """
 )
 
@@ -447,6 +452,8 @@ def test_ddp_two_processes(tmp_path: Path, free_port: int) -> None:
     for result in results:
         assert_average(result["module"], expected)
     assert all(torch.equal(results[0]["module"][k], v) for k, v in results[1]["module"].items())
+    # validate_average: every rank validated rank zero's average (the other ranks keep no sum).
+    assert "average/val/acc" in results[1]["metrics"]
     written = load_file(tmp_path / "soup" / "average.safetensors")
     assert_average(written, expected)
     # Files are written once, by rank zero: three window snapshots, the average and the raw final weights.

@@ -388,6 +388,11 @@ class _CheckpointAveraging(_base.SoupCallback):
             return
         self._close_store()
         self._reset()  # a new fit starts a new window; a resumed fit loads its state right after setup
+        if self.validate_average and trainer.limit_val_batches == 0:
+            raise SoupError(
+                "`CheckpointAveraging(validate_average=True)` runs your validation loop on the average, but validation "
+                "is disabled (`Trainer(limit_val_batches=0)`). Enable validation or set `validate_average=False`."
+            )
         self._dir = self.prepare_dirpath(trainer)
         if trainer.is_global_zero:
             (self._dir / _SNAPSHOT_DIR).mkdir(exist_ok=True)
@@ -518,19 +523,13 @@ class _CheckpointAveraging(_base.SoupCallback):
         """Run the validation loop on the current average and log its metrics as ``average/<name>``."""
         from lightning_soup.callbacks import _evaluate
 
-        live = _base.module_tensors(pl_module)
-        keys, floats = _base.floating_items(live)
-        with torch.no_grad():
-            raw = [t.clone() for t in floats]  # transient copy of the raw weights
+        # The raw weights go back, bit for bit, after the pass (a transient copy while it runs).
+        with _evaluate.preserved_weights(pl_module):
             if self._store is not None:
-                self._store.mean_into_(floats, len(self._records))
-        try:
-            _base.broadcast_module_(trainer, pl_module)
+                live = _base.module_tensors(pl_module)
+                self._store.mean_into_([live[k] for k in self._store.float_keys], len(self._records))
+            _base.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
             metrics = _evaluate.evaluate(trainer, pl_module)
-        finally:
-            with torch.no_grad():
-                _inplace.assign_(floats, raw)
-            del raw
         for name, value in metrics.items():
             pl_module.log(
                 f"average/{name}", float(value), on_step=not on_epoch, on_epoch=on_epoch, batch_size=1, sync_dist=False
