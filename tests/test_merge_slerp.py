@@ -78,3 +78,13 @@ def test_bad_t(t) -> None:
     sd = random_state_dict(0)
     with pytest.raises(SoupError, match=r"`t` must be a finite real number, got"):
         slerp(sd, sd, t)
+
+
+@pytest.mark.parametrize(("cos", "arc"), [(0.9994, True), (0.9996, False), (-0.9996, False)])
+def test_threshold_is_0_9995(cos, arc) -> None:
+    theta = math.acos(cos)
+    a = {"w": torch.tensor([1.0, 0.0], dtype=torch.float64)}
+    b = {"w": torch.tensor([math.cos(theta), math.sin(theta)], dtype=torch.float64)}
+    mid = slerp(a, b, 0.5)["w"]
+    expected = 1.0 if arc else math.cos(theta / 2)  # the chord's midpoint is shorter than the arc's
+    assert math.isclose(float(mid.norm()), expected, rel_tol=1e-12)
