@@ -281,6 +281,7 @@ def _first_best(indices: list[int], scores: list[float], mode: str) -> int:
     return best
 
 
+@pytest.mark.slow
 def test_sweep_picks_what_trainer_validate_picks(flavour: SimpleNamespace, tmp_path: Path) -> None:
     # Unconstrained: the best monitor value over all ratios, as an independent trainer.validate sees it.
     blend = flavour.soup.TaskArithmeticBlend(ratio=RATIOS, monitor=MONITOR, mode="min")
@@ -349,6 +350,14 @@ def test_single_ratio_with_monitor_is_evaluated_and_logged(flavour: SimpleNamesp
     last = dict(zip(header, rows[-1].split(",")))
     assert float(last["blend/ratio"]) == 0.5
     assert float(last["blend/val/acc"]) == pytest.approx(independent["val/acc"], abs=1e-6)
+
+
+def test_disabled_validation_fails_at_setup(flavour: SimpleNamespace, tmp_path: Path) -> None:
+    model = make_model(flavour.pl)
+    blend = flavour.soup.TaskArithmeticBlend(ratio=[0.5, 1.0], monitor="val/acc")
+    with pytest.raises(SoupError, match="limit_val_batches"):
+        fit(flavour, tmp_path, blend, model=model, limit_val_batches=0)
+    assert model.training_steps == 0
 
 
 def test_unknown_monitor_fails_at_the_first_validation(flavour: SimpleNamespace, tmp_path: Path) -> None:
@@ -604,3 +613,19 @@ def test_ddp_two_cpu_processes_agree(tmp_path: Path, free_port: int) -> None:
     expected = reference_blend(load_file(soup / "anchor.safetensors"), load_file(soup / "final.safetensors"), ratio)
     assert_state_close(weights[0], expected)
     assert_state_close(load_file(soup / "blended.safetensors"), weights[0], rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ the example
+
+
+@pytest.mark.slow
+def test_alignment_tax_example_runs(tmp_path: Path) -> None:
+    import runpy
+
+    example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "alignment_tax.py"))
+    rows = example["main"](["--out", str(tmp_path), "--base-epochs", "3", "--epochs", "2"])
+    base, finetuned, blended = rows.values()
+    result = report(tmp_path / "soup")
+    assert (tmp_path / "soup" / "blend.png").exists()
+    assert blended["a"] >= float(result["constraint"][0].split(">=")[1]) or result["fallback"]
+    assert finetuned["a"] < base["a"] and finetuned["b"] > base["b"]  # fine-tuning on B really cost task A

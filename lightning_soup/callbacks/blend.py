@@ -181,6 +181,12 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         if stage != "fit":
             return
         _base.check_strategy(trainer, self)
+        if self._evaluates and trainer.limit_val_batches == 0:
+            raise SoupError(
+                f"{_NAME}(monitor={self.monitor!r}, constraint={self._constraint_text()!r}) scores the blend ratios "
+                "with your validation loop, but validation is disabled (`Trainer(limit_val_batches=0)`). Enable "
+                "validation, or give a single `ratio` without `monitor`/`constraint`."
+            )
         self._dirpath = self.prepare_dirpath(trainer)
         self._pending_anchor = False
         self._metrics_checked = False
