@@ -123,6 +123,14 @@ def test_fsdp2_shard_local_plumbing(tmp_path: Path) -> None:
         reference = _sequential_forward({k: v.double() if v.is_floating_point() else v for k, v in after.items()}, fwd["x"])
         torch.testing.assert_close(fwd["y"].double(), reference, rtol=1e-5, atol=1e-5)
 
+        # Writes into shard tensors taken before an evaluation forward: without a reshard the next forward still
+        # uses the root's stale gathered parameters; after _base.reshard_ it uses the new weights.
+        for resharded in (0, 1):
+            out = load_file(tmp_path / f"cached_{resharded}_rank{rank}.safetensors")
+            weights = {k.removeprefix("w/"): v for k, v in out.items() if k.startswith("w/")}
+            correct = torch.allclose(out["y"].double(), _sequential_forward(_floats64(weights), fwd["x"]), atol=1e-5)
+            assert correct is bool(resharded), f"rank {rank}, resharded={resharded}"
+
 
 def _floats64(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.double() if v.is_floating_point() else v for k, v in state.items()}

@@ -110,8 +110,30 @@ def world_size(trainer: Any) -> int:
 
 
 def is_sharded(pl_module: Any) -> bool:
-    """True when the module's parameters are DTensor shards (FSDP2 ``fully_shard``)."""
-    return any(_is_dtensor(p) for p in pl_module.parameters())
+    """True when the module's weights are DTensor shards (FSDP2 ``fully_shard``, tensor parallelism).
+
+    Looks at ``state_dict()``, not ``parameters()``: after an evaluation forward FSDP2 leaves the root module's
+    parameters unsharded (plain tensors) until something reshards them, while ``state_dict()`` always has the shards.
+    Meaningful once the module is configured (from ``on_fit_start``); see :func:`keeps_state_per_rank` for ``setup``.
+    """
+    return any(_is_dtensor(v) for v in pl_module.state_dict().values())
+
+
+def reshard_(pl_module: Any) -> None:
+    """Put every FSDP2 module back in its sharded state, freeing gathered parameters (a no-op without FSDP2).
+
+    FSDP2 does not reshard the root module after a forward pass that has no backward (an evaluation), and the next
+    forward then reuses the gathered copy. Weights written into the shards in between would be ignored by that
+    forward, so call this after evaluating and before writing into tensors obtained before the evaluation.
+    :func:`module_tensors` (``state_dict()``) reshards on its own.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return
+    for module in pl_module.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 # Strategies by class name (no Lightning import here; a user's subclass inherits its family's verdict).

@@ -73,6 +73,22 @@ class Probe(pl.Callback):
         save_file(after, str(OUT / f"after_rank{rank}.safetensors"))
         save_file({"x": x, "y": y.detach().cpu().contiguous()}, str(OUT / f"forward_rank{rank}.safetensors"))
 
+        # FSDP2 keeps the root's gathered parameters after an evaluation forward: writes into shard tensors taken
+        # before that forward are only seen by the next forward once the module is resharded.
+        live = _base.module_tensors(pl_module)
+        pl_module(x)  # root parameters (BatchNorm's weight and bias) stay gathered
+        for cached_write_then_reshard in (False, True):
+            if cached_write_then_reshard:
+                _base.reshard_(pl_module)
+            with torch.no_grad():
+                for k, v in live.items():
+                    if v.is_floating_point() and _base._is_dtensor(state[k]):
+                        v.add_(1.0)
+            save_file(
+                {"y": pl_module(x).detach().contiguous(), **{f"w/{k}": v for k, v in full_state(pl_module).items()}},
+                str(OUT / f"cached_{int(cached_write_then_reshard)}_rank{rank}.safetensors"),
+            )
+
         try:  # a per-rank file from another sharding is refused with a hint
             _base.load_into_module_(pl_module, {k: before[k] for k in state})
             result["full_shapes_refused"] = None
