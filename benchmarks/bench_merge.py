@@ -33,20 +33,21 @@ import torch
 
 from lightning_soup.merge import interpolate, task_arithmetic, uniform_soup
 
-#: Llama-style layer at hidden size 2048: attention q/k/v/o, MLP gate/up/down, two RMSNorm weights.
-HIDDEN, FFN, VOCAB = 2048, 5632, 32000
-LAYER = [(HIDDEN, HIDDEN)] * 4 + [(FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN), (HIDDEN,), (HIDDEN,)]
+def layout(size_gb: float, hidden: int = 2048) -> dict[str, tuple[int, ...]]:
+    """Key -> shape for about `size_gb` of float32 in a Llama-style model of width `hidden`.
 
-
-def layout(size_gb: float) -> dict[str, tuple[int, ...]]:
-    """Key -> shape for about `size_gb` of float32: an embedding, then whole layers until the size is reached."""
-    budget = size_gb * 1e9 / 4
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
-    used = VOCAB * HIDDEN
+    At the default width (a 1B-class model): a 32000 x 2048 embedding, then whole layers of attention q/k/v/o
+    (2048 x 2048), MLP gate/up/down (5632 x 2048, 2048 x 5632) and two norm vectors, until the size is reached.
+    """
+    ffn, vocab = 11 * hidden // 4, 125 * hidden // 8
+    layer_shapes = [(hidden, hidden)] * 4 + [(ffn, hidden), (ffn, hidden), (hidden, ffn), (hidden,), (hidden,)]
     names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_norm", "post_norm"]
+    budget = size_gb * 1e9 / 4
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden)}
+    used = vocab * hidden
     layer = 0
     while used < budget:
-        for name, shape in zip(names, LAYER):
+        for name, shape in zip(names, layer_shapes):
             shapes[f"model.layers.{layer}.{name}.weight"] = shape
             used += torch.Size(shape).numel()
         layer += 1
@@ -69,10 +70,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repetitions per operation; best is kept")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the results as JSON")
+    parser.add_argument("--hidden", type=int, default=2048, help="model width, sets the tensor sizes (default 2048)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
 
-    shapes = layout(args.size_gb)
+    shapes = layout(args.size_gb, args.hidden)
     a, b, c = (make_state_dict(shapes, seed, device) for seed in (0, 1, 2))
     tv_b = {k: v * 0.01 for k, v in b.items()}
     tv_c = {k: v * 0.01 for k, v in c.items()}
