@@ -50,6 +50,14 @@ def test_single_input_is_a_copy() -> None:
         assert torch.equal(out[k], sd[k]) and out[k].data_ptr() != sd[k].data_ptr()
 
 
+def test_zero_weight_first_input_still_sets_the_dtype() -> None:
+    first = {"w": torch.tensor([8.0, 8.0], dtype=torch.bfloat16)}
+    others = [{"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([3.0, 4.0])}]
+    out = weighted_average([first, *others], [0.0, 1.0, 1.0])["w"]
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, torch.tensor([2.0, 3.0], dtype=torch.bfloat16))
+
+
 def test_weights_are_relative() -> None:
     sds = [random_state_dict(i) for i in range(3)]
     a, b = weighted_average(sds, [1, 2, 3]), weighted_average(sds, [10, 20, 30])

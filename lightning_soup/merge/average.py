@@ -88,7 +88,9 @@ def _average(state_dicts: list[Mapping[str, Tensor]], weights: list[float]) -> d
 
     for group, keys in group_keys(float_keys, ref, active).items():
         if group.direct:
-            result.update(zip(keys, _running_mean([[sd[k] for k in keys] for sd in sds], steps)))
+            # cast: the first state dict sets the dtype even when its zero weight leaves it out of `active`
+            mean = _running_mean([[sd[k] for k in keys] for sd in sds], steps)
+            result.update(zip(keys, cast(mean, group.out_dtype)))
             continue
         for run in batches(keys, ref, group.acc_dtype):
             # mixed dtypes: in-place adds promote to the accumulator's dtype, so no input is copied to float32
