@@ -56,7 +56,7 @@ def test_scores_equal_trainer_validate(flavour: SimpleNamespace, tmp_path: Path,
             seen["after"] = _snapshot(pl_module)
 
     model = make_model(flavour.pl, two_val_loaders=True, torchmetrics_acc=True)
-    trainer = flavour.pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=2, limit_val_batches=limit), callbacks=[Probe()])
+    trainer = flavour.pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=limit), callbacks=[Probe()])
     trainer.fit(model)
 
     assert all(torch.equal(seen["after"][k], v) for k, v in seen["trained"].items())  # the swap was undone
@@ -127,6 +127,7 @@ def _run(flavour: SimpleNamespace, root: Path, probe: Any | None) -> dict[str, A
     }
 
 
+@pytest.mark.slow
 def test_invisible_to_training_callbacks_loggers_and_progress(flavour: SimpleNamespace, tmp_path: Path) -> None:
     """Extra validation passes during fit change nothing a user could observe (not even the training RNG)."""
     calls: list[str] = []
