@@ -144,9 +144,16 @@ def test_errors() -> None:
     with pytest.raises(SoupError, match="`evaluate` must be a callable"):
         greedy_soup(items, None, scores=[1.0, 2.0])
     bad = [*items, {"w": torch.zeros(2), "steps": torch.tensor(0)}]
+    match = r"'w': `ingredients\[0\]` has shape \(1,\), `ingredients\[2\]` has shape \(2,\)"
+    calls = []
+    with pytest.raises(SoupError, match=match):
+        greedy_soup(bad, lambda sd: calls.append(sd) or 0.0)
+    assert calls == []  # checked before evaluating anything
+    # a mapping without metadata is checked when it is read
+    lazy_bad = [CountingMapping(sd) for sd in bad]
     match = r"'w': `ingredients\[1\]` has shape \(1,\), `ingredients\[2\]` has shape \(2,\)"
     with pytest.raises(SoupError, match=match):
-        greedy_soup(bad, lambda sd: 0.0, scores=[1.0, 2.0, 0.5])
+        greedy_soup(lazy_bad, lambda sd: 0.0, scores=[1.0, 2.0, 0.5])
 
 
 def test_lazy_ingredients_are_checked_before_any_evaluation() -> None:

@@ -73,6 +73,9 @@ def greedy_soup(
     if not callable(evaluate):
         raise SoupError(f"`evaluate` must be a callable returning a score, got {type(evaluate).__name__}.")
     names = [f"ingredients[{i}]" for i in range(len(items))]
+    # dicts, and lazy mappings through meta(), let a mismatch fail before any (possibly hours of) evaluation
+    if all(has_metadata(sd) for sd in items):
+        check_compatible(items, names)
     if scores is None:
         own = [_score(evaluate(dict(materialize(sd))), f"evaluate(ingredients[{i}])") for i, sd in enumerate(items)]
     else:
@@ -96,10 +99,6 @@ def greedy_soup(
     # stable sort: equal scores keep the input order
     order = sorted(finite, key=lambda i: -own[i] if mode == "max" else own[i])
     better = (lambda new, old: new >= old) if mode == "max" else (lambda new, old: new <= old)
-
-    # dicts and lazy mappings' metadata let a mismatch fail before hours of evaluation
-    if all(has_metadata(items[i]) for i in order):
-        check_compatible([items[i] for i in order], [names[i] for i in order])
 
     first = order[0]
     best = materialize(items[first])
