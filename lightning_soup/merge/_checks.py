@@ -93,10 +93,10 @@ def _prefix_hint(ref_name: str, name: str, missing: list[str], unexpected: list[
 
 
 def _vocab_like(key: str, a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """A first-dimension-only mismatch on an embedding / output-head tensor (or any 2-D weight)."""
+    """A first-dimension-only mismatch on an embedding / output-head / classifier tensor, or any 2-D weight."""
     if len(a) != len(b) or not a or a[0] == b[0] or a[1:] != b[1:]:
         return False
-    return bool(_VOCAB_LIKE.search(key)) or (len(a) == 2 and key.endswith("weight"))
+    return bool(_VOCAB_LIKE.search(key)) or len(a) == 2
 
 
 def layout(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -108,11 +108,10 @@ def layout(state_dict: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def check_state_dict(state_dict: Any, name: str) -> Mapping[str, Any]:
-    """Check that `state_dict` is a mapping of names to tensors; return it.
+    """Check that `state_dict` is a mapping (its values are checked by :func:`check_compatible`); return it.
 
     Raises:
-        SoupError: naming `name` when it is not a mapping, or when a value is not a tensor (a whole Lightning
-            checkpoint instead of its ``["state_dict"]``, say).
+        SoupError: naming `name` when it is not a mapping.
     """
     if not isinstance(state_dict, Mapping):
         raise SoupError(
