@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from _launch import launch
+from _models import make_data
 from lightning_soup import SoupError
 from lightning_soup.callbacks import _base
 
@@ -181,31 +182,57 @@ def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
     expected_avg = {k: (epochs[1][k].double() + epochs[2][k].double()) / 2 if k in floats else epochs[2][k] for k in epochs[2]}
     _assert_state_close(load_file(soup_dir / "average.safetensors"), expected_avg, "average")
 
-    # GreedySoup: tried in order of rank zero's scores; the soup is the mean of the accepted ingredients.
+    # GreedySoup (val/loss, min): tried in order of rank zero's scores; the soup is the mean of the accepted ones.
     recipe = ranks[0]["recipe"]
     assert recipe == ranks[1]["recipe"], "both ranks must make the same decisions"
     scores = {int(e): s for e, s in ranks[0]["scores"].items()}
     tried = [i["epoch"] for i in recipe["ingredients"]]
-    assert tried == sorted(scores, key=lambda e: (-scores[e], e))
+    assert tried == sorted(scores, key=lambda e: (scores[e], e))
     assert [i["score"] for i in recipe["ingredients"]] == pytest.approx([scores[e] for e in tried])
     accepted = [i["epoch"] for i in recipe["ingredients"] if i["accepted"]]
     assert accepted and accepted[0] == tried[0]
-    expected_soup = {
-        k: sum(epochs[e][k].double() for e in accepted) / len(accepted) if k in floats else epochs[tried[0]][k]
-        for k in epochs[0]
-    }
-    _assert_state_close(load_file(soup_dir / "soup.safetensors"), expected_soup, "soup")
-    # The soup's recorded score is what trainer.validate reports for the soup's weights (every rank validated).
-    assert ranks[0]["validated_soup"]["val/acc"] == pytest.approx(recipe["soup_score"], abs=1e-6)
 
-    # TaskArithmeticBlend(ratio=0.5) of the soup (listed last among the producers) toward the initial weights.
-    expected_blend = {
-        k: capture["initial"][k].double() + 0.5 * (expected_soup[k] - capture["initial"][k].double()) if k in floats
-        else expected_soup[k]
-        for k in expected_soup
-    }
+    def mean_of(members: list[int]) -> dict[str, torch.Tensor]:
+        return {
+            k: sum(epochs[e][k].double() for e in members) / len(members) if k in floats else epochs[tried[0]][k]
+            for k in epochs[0]
+        }
+
+    # Every candidate was scored on exactly its own weights, with rank zero's buffers: its val/loss is the float64
+    # loss on rank zero's half of the validation set (DistributedSampler: samples 0, 2, 4, ...).
+    x, y = make_data(40, seed=1).tensors
+    x, y = x[0::2], y[0::2]
+
+    def val_loss(state: dict[str, torch.Tensor]) -> float:
+        return float(nn.functional.cross_entropy(_sequential_forward(_floats64(state), x), y))
+
+    for e in tried:  # the reference reproduces the ingredients' own scores from training's validation
+        assert scores[e] == pytest.approx(val_loss(epochs[e]), abs=2e-5), e
+    members: list[int] = []
+    for step in recipe["ingredients"]:
+        if step["accepted"]:
+            members.append(step["epoch"])
+            if len(members) > 1:
+                assert step["soup_score"] == pytest.approx(val_loss(mean_of(members)), abs=2e-5), members
+    expected_soup = mean_of(accepted)
+    _assert_state_close(load_file(soup_dir / "soup.safetensors"), expected_soup, "soup")
+    # The soup's recorded score is what trainer.validate reports for the soup's weights.
+    assert ranks[0]["validated_soup"]["val/loss"] == pytest.approx(recipe["soup_score"], abs=1e-6)
+
+    # TaskArithmeticBlend sweep of the soup (the producer listed last) toward the initial weights: every ratio
+    # scored on its own blend, the best one chosen by rank zero and applied on both ranks.
+    initial = _floats64(capture["initial"])
+
+    def blend_of(ratio: float) -> dict[str, torch.Tensor]:
+        return {k: initial[k] + ratio * (expected_soup[k] - initial[k]) if k in floats else expected_soup[k] for k in expected_soup}
+
+    result = ranks[0]["blend"]
+    assert {k: v for k, v in result.items() if k != "anchor"} == {k: v for k, v in ranks[1]["blend"].items() if k != "anchor"}
+    losses = [val_loss(blend_of(c["ratio"])) for c in result["candidates"]]
+    assert [c["metrics"]["val/loss"] for c in result["candidates"]] == pytest.approx(losses, abs=2e-5)
+    assert result["ratio"] == result["candidates"][min(range(len(losses)), key=losses.__getitem__)]["ratio"]
     blended = load_file(soup_dir / "blended.safetensors")
-    _assert_state_close(blended, expected_blend, "blended")
+    _assert_state_close(blended, blend_of(result["ratio"]), "blended")
 
     # Both ranks end with the blended weights, buffers included (FSDP2 does not synchronise buffers).
     for rank in range(2):

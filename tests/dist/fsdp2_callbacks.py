@@ -62,7 +62,7 @@ class Capture(pl.Callback):
 
     def on_validation_end(self, trainer, pl_module):
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
-            self.scores[trainer.current_epoch] = float(trainer.callback_metrics["val/acc"])
+            self.scores[trainer.current_epoch] = float(trainer.callback_metrics["val/loss"])
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._save(trainer, pl_module, f"epoch{trainer.current_epoch}")
@@ -82,8 +82,9 @@ def main() -> None:
     model = sharded_classifier_class(pl)(lr=0.1)
     capture = Capture()
     averaging = soup.CheckpointAveraging(window=2)
-    greedy = soup.GreedySoup(monitor="val/acc")
-    blend = soup.TaskArithmeticBlend(anchor="initial", ratio=0.5)
+    # val/loss is continuous: a candidate scored with any other weights (or rank 1's buffers) shows.
+    greedy = soup.GreedySoup(monitor="val/loss", mode="min")
+    blend = soup.TaskArithmeticBlend(anchor="initial", ratio=[0.25, 0.75], monitor="val/loss", mode="min")
     trainer = pl.Trainer(
         **trainer_kwargs(
             OUT, devices=2, max_epochs=3, strategy=model_parallel_strategy(pl),
