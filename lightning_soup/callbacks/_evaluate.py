@@ -97,6 +97,7 @@ def evaluate(trainer: Any, pl_module: Any) -> dict[str, float]:
             trainer._last_val_time = saved_last_val_time
         for module, training in saved_modes:
             module.training = training
+        _base.reshard_(pl_module)  # FSDP2: later writes into the shards must be seen by the next forward
     return metrics
 
 
@@ -135,6 +136,8 @@ def preserved_weights(pl_module: Any) -> Iterator[None]:
             for dst, src in zip(live, backup):
                 dst.copy_(src)
         del backup
+        # FSDP2 keeps the root's parameters gathered after an evaluation forward: drop that stale copy.
+        _base.reshard_(pl_module)
 
 
 @contextlib.contextmanager

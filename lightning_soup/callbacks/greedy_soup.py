@@ -34,12 +34,13 @@ ingredient drops out of (``max_ingredients``, online sums) are deleted only once
 checkpoints names them; a checkpoint whose files are missing fails at resume with the list of them.
 
 Distributed training. Every rank takes part in every candidate validation; scores are global rank zero's
-(broadcast), so every rank makes the same decisions. No shared filesystem is assumed: under replicated strategies
-(DDP) only rank zero writes and reads ingredient files, and sends each ingredient to the other ranks one tensor at a
-time (``torch.distributed.broadcast``) as the soup reads it, so all ranks compute the same candidates. Under sharded
-strategies (FSDP2 ``fully_shard``) ingredient files hold the full weights (gathered one tensor at a time) and each
-rank receives only its own shard of every tensor (``distribute_tensor`` from rank zero), so the soup is computed
-shard by shard; online sums are then kept per rank (``dirpath/online/rank{R}/``).
+(broadcast), so every rank makes the same decisions. No shared filesystem is assumed. Under replicated strategies
+(DDP) only rank zero writes and reads ingredient files (``dirpath/ingredients/``), and sends each ingredient to the
+other ranks one tensor at a time (``torch.distributed.broadcast``) as the soup reads it, so all ranks compute the
+same candidates. Under sharded strategies (``ModelParallelStrategy`` with FSDP2) every rank keeps its own shards
+(``dirpath/ingredients/rank{R}/``, likewise the online sums): taking an ingredient and building the soup need no
+communication, since averaging is elementwise; the soup file is gathered one tensor at a time at the end, and the
+buffers FSDP2 does not synchronise are rank zero's.
 """
 
 from __future__ import annotations
@@ -313,7 +314,11 @@ class _GreedySoup(_base.SoupCallback):
         name = f"{_INGREDIENT_DIR}/epoch={entry['epoch']}-step={entry['step']}.safetensors"
         recipe = {"method": "greedy_soup_ingredient", "monitor": self.monitor, "score": entry["score"]}
         recipe.update(epoch=entry["epoch"], step=entry["step"])
-        _base.write_module_weights(trainer, pl_module, self._path(trainer, name), recipe)
+        if _base.owns_state(trainer, pl_module):
+            # This rank's tensors (its own shards when sharded): nothing is gathered during training.
+            live = {k: v.detach() for k, v in _base.module_tensors(pl_module).items()}
+            storage.save_state_dict(live, self._state_path(trainer, pl_module, name), recipe=recipe)
+        trainer.strategy.barrier("lightning_soup.greedy_soup.ingredient")
         entry.update(status="kept", file=name)
 
     def _delete_unneeded(self, trainer: Any) -> None:
@@ -328,45 +333,30 @@ class _GreedySoup(_base.SoupCallback):
     def _check_files(self, trainer: Any, pl_module: Any) -> None:
         """Raise on every rank if a file the state names is missing or does not fit the module.
 
-        Each rank checks the files it owns (rank zero's ingredients; per-rank online sums when sharded); the ranks
-        then agree, so all of them raise together instead of some waiting in a collective.
+        Each rank checks the files it owns (rank zero's under DDP, its own shards' when sharded); the ranks then
+        agree, so all of them raise together instead of some waiting in a collective.
         """
-        problem = None
         names = [e["file"] for e in self._entries if e["status"] == "kept"]
         if self._online is not None:
             names.append(self._online["file"])
-        missing = [str(p) for name in names for p in self._owned_paths(trainer, name) if not p.is_file()]
-        if missing:
-            problem = (
-                f"Cannot resume GreedySoup: the checkpoint names files that are missing: {missing}. Restore them, "
-                "pass the `dirpath` the run used, or start a new soup by removing this callback's state from the "
-                "checkpoint."
-            )
-        elif trainer.is_global_zero:
-            problem = self._check_shapes(trainer, pl_module, [n for n in names if n.startswith(_INGREDIENT_DIR)])
+        problem = None
+        if _base.owns_state(trainer, pl_module):
+            paths = [self._state_path(trainer, pl_module, n) for n in names]
+            missing = [str(p) for p in paths if not p.is_file()]
+            if missing:
+                problem = (
+                    f"Cannot resume GreedySoup: the checkpoint names files that are missing: {missing}. Restore "
+                    "them, pass the `dirpath` the run used, or start a new soup by removing this callback's state "
+                    "from the checkpoint."
+                )
+            else:
+                problem = _mismatch(paths, _base.module_tensors(pl_module))
         if _base.world_size(trainer) > 1:
             ok = trainer.strategy.reduce_boolean_decision(problem is None, all=True)
             if not ok and problem is None:
                 problem = "GreedySoup: another rank found missing or mismatched files (see its error message)."
         if problem is not None:
             raise SoupError(problem)
-
-    def _check_shapes(self, trainer: Any, pl_module: Any, names: list[str]) -> str | None:
-        expected = {k: (tuple(v.shape), v.dtype) for k, v in pl_module.state_dict().items()}
-        for name in names:
-            with storage.open_state_dict(self._path(trainer, name)) as lazy:
-                meta = lazy.meta()
-            found = {k: (tuple(v.shape), v.dtype) for k, v in meta.items()}
-            if found != expected:
-                missing = sorted(expected.keys() - found.keys())
-                unexpected = sorted(found.keys() - expected.keys())
-                differ = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
-                return (
-                    f"GreedySoup ingredient {name!r} does not fit the module (missing keys {missing or 'none'}, "
-                    f"unexpected keys {unexpected or 'none'}, different shapes/dtypes {differ or 'none'}). Was "
-                    "the model changed between the checkpoint and this run? Use a new `dirpath` for a new model."
-                )
-        return None
 
     # ---------------------------------------------------------------------------------------------- offline soup
     def _offline_finish(self, trainer: Any, pl_module: Any) -> list[dict[str, Any]] | None:
@@ -376,7 +366,9 @@ class _GreedySoup(_base.SoupCallback):
         if not kept:
             return None
         self._check_files(trainer, pl_module)
-        sources = [_Ingredient(self._path(trainer, e["file"]), trainer, pl_module) for e in kept]
+        owner = _base.owns_state(trainer, pl_module)
+        paths = [self._state_path(trainer, pl_module, e["file"]) if owner else None for e in kept]
+        sources = [_Ingredient(path, trainer, pl_module) for path in paths]
 
         def score(candidate: Mapping[str, Tensor]) -> float:
             _base.load_into_module_(pl_module, candidate)
@@ -390,6 +382,7 @@ class _GreedySoup(_base.SoupCallback):
                 source.close()
         _base.load_into_module_(pl_module, soup)
         del soup
+        _base.broadcast_module_(trainer, pl_module)  # sharded: rank zero's buffers (FSDP2 does not sync them)
         tried = []
         for step in recipe:
             entry = kept[step["index"]]
@@ -416,14 +409,15 @@ class _GreedySoup(_base.SoupCallback):
         with _evaluate.preserved_weights(pl_module):
             if owner:
                 # candidate = (soup sum + new) / (count + 1), written straight into the module
-                stored = storage.load_state_dict(self._online_path(trainer, pl_module, soup["file"]))
+                stored = storage.load_state_dict(self._state_path(trainer, pl_module, soup["file"]))
                 sums = [stored[k].to(t.device) for k, t in zip(float_keys, floats)]
                 with torch.no_grad():
                     _inplace.accumulate_(sums, floats)
                     _inplace.assign_mean_(floats, sums, soup["count"] + 1)
                     ints = [k for k in live if k not in set(float_keys)]
                     _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
-            _base.broadcast_module_(trainer, pl_module)
+            if not _base.keeps_state_per_rank(trainer, pl_module):
+                _base.broadcast_module_(trainer, pl_module)  # DDP: rank zero alone holds the soup
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
             candidate = float(trainer.strategy.broadcast(local, src=0))
         # The raw training weights are back in the module.
@@ -432,7 +426,7 @@ class _GreedySoup(_base.SoupCallback):
             name = self._online_name(entry)
             if owner:
                 state = {**{k: v for k, v in stored.items() if k not in set(float_keys)}, **dict(zip(float_keys, sums))}
-                storage.save_state_dict(state, self._online_path(trainer, pl_module, name), recipe=self._sum_recipe())
+                storage.save_state_dict(state, self._state_path(trainer, pl_module, name), recipe=self._sum_recipe())
             trainer.strategy.barrier("lightning_soup.greedy_soup.online")
             self._retained.append(soup["file"])
             self._online = {**soup, "file": name, "count": soup["count"] + 1, "score": candidate}
@@ -450,7 +444,7 @@ class _GreedySoup(_base.SoupCallback):
             float_keys, floats = _base.floating_items(live)
             state = {k: v.detach() for k, v in live.items()}
             state.update(zip(float_keys, _inplace.float32_copy([t.detach() for t in floats])))
-            storage.save_state_dict(state, self._online_path(trainer, pl_module, name), recipe=self._sum_recipe())
+            storage.save_state_dict(state, self._state_path(trainer, pl_module, name), recipe=self._sum_recipe())
         trainer.strategy.barrier("lightning_soup.greedy_soup.online")
         if self._online is not None:
             self._retained.append(self._online["file"])
@@ -465,7 +459,7 @@ class _GreedySoup(_base.SoupCallback):
         if _base.owns_state(trainer, pl_module):
             live = _base.module_tensors(pl_module)
             float_keys, floats = _base.floating_items(live)
-            stored = storage.load_state_dict(self._online_path(trainer, pl_module, soup["file"]))
+            stored = storage.load_state_dict(self._state_path(trainer, pl_module, soup["file"]))
             with torch.no_grad():
                 _inplace.assign_mean_(floats, [stored[k].to(t.device) for k, t in zip(float_keys, floats)], soup["count"])
                 ints = [k for k in live if k not in set(float_keys)]
@@ -520,64 +514,72 @@ class _GreedySoup(_base.SoupCallback):
     def _root(self, trainer: Any) -> Path:
         return self._dir if self._dir is not None else self.dirpath_for(trainer)
 
-    def _path(self, trainer: Any, name: str) -> Path:
-        return self._root(trainer) / name
-
-    def _online_path(self, trainer: Any, pl_module: Any, name: str) -> Path:
-        """An online sum file: rank zero's alone under DDP, one per rank (``online/rank{R}/``) when sharded."""
-        return _base.rank_dir(trainer, pl_module, self._root(trainer), _ONLINE_DIR) / Path(name).name
+    def _state_path(self, trainer: Any, pl_module: Any, name: str) -> Path:
+        """Where ``name`` (``"ingredients/<file>"`` or ``"online/<file>"``) lives for this rank: in
+        ``dirpath/<folder>/`` (rank zero's) under DDP, in ``dirpath/<folder>/rank{R}/`` when sharded."""
+        folder, _, file = name.partition("/")
+        return _base.rank_dir(trainer, pl_module, self._root(trainer), folder) / file
 
     def _owned_paths(self, trainer: Any, name: str) -> list[Path]:
-        """The files of ``name`` this rank is responsible for (for checks and deletion)."""
+        """The files of ``name`` this rank is responsible for (for deletion)."""
         pl_module = trainer.lightning_module
-        if name.startswith(_ONLINE_DIR + "/"):
-            return [self._online_path(trainer, pl_module, name)] if _base.owns_state(trainer, pl_module) else []
-        return [self._path(trainer, name)] if trainer.is_global_zero else []
+        return [self._state_path(trainer, pl_module, name)] if _base.owns_state(trainer, pl_module) else []
+
+
+def _mismatch(paths: list[Path], live: Mapping[str, Tensor]) -> str | None:
+    """Why one of the files at ``paths`` does not fit tensors like ``live``, or None (reads headers only)."""
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in live.items()}
+    for path in paths:
+        with storage.open_state_dict(path) as lazy:
+            found = {k: (tuple(v.shape), v.dtype) for k, v in lazy.meta().items()}
+        if found != expected:
+            missing = sorted(expected.keys() - found.keys())
+            unexpected = sorted(found.keys() - expected.keys())
+            differ = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+            return (
+                f"GreedySoup file {str(path)!r} does not fit the module (missing keys {missing or 'none'}, "
+                f"unexpected keys {unexpected or 'none'}, other shapes/dtypes {differ or 'none'}). Was the model "
+                "or the strategy changed since the checkpoint? Use a new `dirpath` for a new model."
+            )
+    return None
 
 
 class _Ingredient(Mapping[str, Tensor]):
-    """One ingredient as every rank sees it, tensor by tensor, in host memory.
+    """One ingredient as this rank needs it, tensor by tensor, in host memory.
 
-    Global rank zero reads the file lazily (each tensor once, when the soup asks for it); under DDP it broadcasts
-    each tensor to the other ranks, which never touch the file; under FSDP2 each rank receives its own shard. Keys
+    Sharded modules (and one process): the rank's own file, read lazily, each tensor once, when the soup asks for
+    it. DDP: global rank zero reads its file and broadcasts each tensor; the other ranks never touch a file. Keys
     iterate in the module's ``state_dict`` order, identical on every rank, so every rank's soup asks for the same
-    tensors in the same order and the collectives pair up.
+    tensors in the same order and the broadcasts pair up.
     """
 
-    def __init__(self, path: Path, trainer: Any, pl_module: Any) -> None:
-        self.path = path
-        self._template = pl_module.state_dict()
-        self._rank_zero = trainer.is_global_zero
-        self._distributed = (
+    def __init__(self, path: Path | None, trainer: Any, pl_module: Any) -> None:
+        self.path = path  # None on ranks that receive it
+        self._template = _base.module_tensors(pl_module)  # shapes/dtypes/devices; local shards when sharded
+        distributed = (
             _base.world_size(trainer) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         )
+        self._broadcast = distributed and not _base.keeps_state_per_rank(trainer, pl_module)
+        self._reads = _base.owns_state(trainer, pl_module)
         self._lazy: storage.LazyStateDict | None = None
 
     def __getitem__(self, key: str) -> Tensor:
         like = self._template[key]
-        if _base._is_dtensor(like):
-            return self._shard(key, like)
-        value = self._read(key) if self._rank_zero else None
-        if not self._distributed:
+        value = self._read(key) if self._reads else None
+        if not self._broadcast:
             assert value is not None
             return value
         # NCCL sends device tensors, gloo host ones: go through the device the module's tensor lives on.
         if value is None:
-            value = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            buffer = torch.empty(like.shape, dtype=like.dtype, device=like.device)
         else:
-            value = value.to(like.device)
-        torch.distributed.broadcast(value, src=0)
-        return value.cpu()
-
-    def _shard(self, key: str, like: Any) -> Tensor:
-        from torch.distributed.tensor import distribute_tensor
-
-        device = like.to_local().device
-        full = self._read(key).to(device) if self._rank_zero else torch.empty(like.shape, dtype=like.dtype, device=device)
-        return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=0).to_local().cpu()
+            buffer = value.to(like.device)
+        torch.distributed.broadcast(buffer, src=0)
+        return buffer.cpu()
 
     def _read(self, key: str) -> Tensor:
         if self._lazy is None:
+            assert self.path is not None
             self._lazy = storage.open_state_dict(self.path)
         return self._lazy[key]
 
@@ -591,12 +593,8 @@ class _Ingredient(Mapping[str, Tensor]):
         return key in self._template
 
     def meta(self) -> dict[str, Tensor]:
-        """Shapes and dtypes (this rank's local ones) without reading or communicating anything."""
-        out = {}
-        for key, like in self._template.items():
-            local = like.to_local() if _base._is_dtensor(like) else like
-            out[key] = torch.empty(local.shape, dtype=local.dtype, device="meta")
-        return out
+        """Shapes and dtypes (this rank's) without reading or communicating anything."""
+        return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self._template.items()}
 
     def close(self) -> None:
         if self._lazy is not None:
