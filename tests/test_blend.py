@@ -80,6 +80,7 @@ def fit(flavour: SimpleNamespace, tmp_path: Path, blend: Any, *, model: Any = No
         ckpt_path: str | None = None, **trainer_overrides: Any) -> SimpleNamespace:
     """Fit a TinyClassifier with ``[Capture, *extra, blend]``; returns the model, trainer and captured weights."""
     model = model if model is not None else make_model(flavour.pl)
+    trainer_overrides.setdefault("max_epochs", 2)
     before = clone_state(model)
     capture = capture_class(flavour.pl)()
     callbacks = [capture, *(extra or []), blend]
@@ -238,13 +239,21 @@ def _write_anchor(kind: str, state: dict[str, torch.Tensor], path: Path) -> Path
     if kind == "safetensors":
         path = path.with_suffix(".safetensors")
         save_file(state, str(path))
+    elif kind == "sharded":  # a Hugging Face style folder: two shards and the index that maps keys to them
+        path.mkdir()
+        keys = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+        for name, part in shards.items():
+            save_file({k: state[k] for k in part}, str(path / name))
+        weight_map = {k: name for name, part in shards.items() for k in part}
+        (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     else:  # what trainer.save_checkpoint writes: the weights under "state_dict"
         path = path.with_suffix(".ckpt")
         torch.save({"state_dict": state, "epoch": 3, "global_step": 30}, path)
     return path
 
 
-@pytest.mark.parametrize("kind", ["safetensors", "ckpt"])
+@pytest.mark.parametrize("kind", ["safetensors", "sharded", "ckpt"])
 def test_file_anchor_is_exact_and_keeps_module_integer_buffers(
     flavour: SimpleNamespace, tmp_path: Path, kind: str
 ) -> None:

@@ -200,8 +200,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         elif self._anchor_saved:
             self._raise_anchor_problem(trainer, pl_module, self._anchor_path(), check_values=False)
         else:
-            # Callback state is restored before this hook by most strategies but after it by some (FSDP,
-            # DeepSpeed), so the initial weights are committed only in on_train_start, once the state is known.
+            # Callback state is restored before this hook by most strategies but after it by some
+            # (ModelParallelStrategy), so the initial weights are committed in on_train_start, once it is known
+            # whether this fit resumes.
             recipe = {"method": "anchor", "anchor": "initial", "global_step": trainer.global_step}
             _base.write_module_weights(trainer, pl_module, self._path(_PENDING_ANCHOR_FILE), recipe)
             self._pending_anchor = True
@@ -322,7 +323,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
 
     def _metric_names(self) -> list[str]:
         names = [] if self.monitor is None else [self.monitor]
-        return names + [b.metric for b in self.constraint if b.metric not in names]
+        return list(dict.fromkeys(names + [b.metric for b in self.constraint]))
 
     def _raise_anchor_problem(self, trainer: Any, pl_module: Any, path: Path, *, check_values: bool) -> None:
         """Check the anchor on rank zero and raise the same SoupError on every rank."""
