@@ -82,6 +82,7 @@ class _SnapshotStore:
         self._ready: dict[str, Any] = {}  # name -> CUDA event recorded after its device-to-host copy
         self._on_disk: set[str] = set()
         self._staging: list[Tensor] | None = None  # mode "disk": host copy being written by the worker
+        self._staging_read: Any = None  # CUDA event: the last upload from the staging buffers is done
         self._pending: concurrent.futures.Future[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-snapshots")
         self._lock = threading.Lock()
@@ -167,7 +168,9 @@ class _SnapshotStore:
             self._on_disk.discard(name)
             return
         self.flush()  # the worker may still be reading the staging buffers
-        self._staging = self._host_copy(tensors, into=self._staging)
+        with self._lock:
+            staging = self._staging
+        self._staging = self._host_copy(tensors, into=staging)
         event = self._record_event()
         state = dict(zip(self.keys, self._staging))
         self._pending = self._executor.submit(self._write, name, state, event, dict(recipe or {}))
@@ -185,6 +188,10 @@ class _SnapshotStore:
         storage.save_state_dict(state, self.directory / name, recipe=recipe)
         with self._lock:
             self._on_disk.add(name)
+            if not self._pin:
+                # On a CPU device host RAM is the device: between snapshots keep only the running sum. (Pinned
+                # staging for CUDA is kept: pinned allocations are slow, and it is not device memory.)
+                self._staging = None
 
     def _floats_on_device(self, name: str) -> list[Tensor]:
         """Snapshot ``name``'s floating tensors on the sums' device (a transient copy unless already there)."""
@@ -193,11 +200,24 @@ class _SnapshotStore:
             floats = [host[i] for i in self._float_index]
         else:
             self.flush()
-            state = storage.load_state_dict(self.directory / name, device=str(self.device))
+            state = storage.load_state_dict(self.directory / name)
             floats = [state[k] for k in self.float_keys]
+            if self._pin:
+                # Through the pinned staging buffers, so that the host-to-device copy below is asynchronous: a
+                # copy from pageable memory would block the host until the device caught up.
+                if self._staging is None:
+                    self._staging = [torch.empty_like(state[k], pin_memory=True) for k in self.keys]
+                elif self._staging_read is not None:
+                    self._staging_read.synchronize()  # a previous upload may still be reading them
+                pinned = [self._staging[i] for i in self._float_index]
+                torch._foreach_copy_(pinned, floats)
+                floats = pinned
         if all(t.device == s.device for t, s in zip(floats, self.sums)):
             return floats
-        return [t.to(s.device, non_blocking=True) for t, s in zip(floats, self.sums)]
+        uploaded = [t.to(s.device, non_blocking=True) for t, s in zip(floats, self.sums)]
+        if self._pin and self.mode == "disk":
+            self._staging_read = self._record_event()
+        return uploaded
 
     def load(self, name: str) -> dict[str, Tensor]:
         """All of snapshot ``name``'s tensors (host or device), e.g. for its integer buffers."""

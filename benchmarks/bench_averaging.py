@@ -1,0 +1,377 @@
+"""What ``CheckpointAveraging`` costs: training overhead, one update against a plain add, and memory vs ``window``.
+
+Three measurements, in one run:
+
+* ``training``: the same MLP (Linear/BatchNorm blocks, about ``--width``² × ``--depth`` parameters) trained
+  ``--epochs`` epochs on synthetic data, plain and with ``CheckpointAveraging(window=5, every_n_epochs=1)``
+  (``snapshots="disk"`` and ``"cpu"``), and with Lightning's own ``WeightAveraging`` updated once per epoch (the
+  same schedule, but a running mean of every snapshot rather than a window), interleaved ``--repeats`` times so
+  that machine noise hits them alike. Reported: the median epoch time after the first epoch (the snapshot is taken
+  inside the epoch's end, so it is counted), its overhead against plain training, and the end-of-fit time (the
+  exact average, ``average.safetensors`` and ``final.safetensors`` written).
+* ``update``: one steady-state window update (window full) against a plain ``torch.add`` pass over the same
+  weights (``s.add_(w)`` per tensor) and a ``torch._foreach_add_`` pass: the arithmetic alone
+  (``sum += new − evicted``), and the whole main-thread cost of a snapshot for ``"cpu"`` (host copy) and
+  ``"disk"`` (reading the evicted snapshot, the staging copy; the file write runs in a background thread).
+* ``memory``: peak ``RssAnon`` (anonymous memory, sampled every millisecond from ``/proc/<pid>/status``) of a
+  child process that trains with ``window=2`` and ``window=16`` (``window + 2`` snapshots), for both storages,
+  above the same child without the callback. Disk snapshots keep it flat; ``"cpu"`` holds the window in host RAM
+  by design (meant for GPU training).
+
+Usage::
+
+    python benchmarks/bench_averaging.py --json bench_averaging.json
+    python benchmarks/bench_averaging.py --quick            # smoke run, numbers not for quoting
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+
+# ------------------------------------------------------------------------------------------------------- model
+
+
+def make_module(width: int, depth: int, n_train: int, batch_size: int, seed: int = 0) -> Any:
+    import pytorch_lightning as pl
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class MLP(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            layers: list[nn.Module] = []
+            for _ in range(depth):
+                layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+            self.net = nn.Sequential(*layers, nn.Linear(width, 10))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.cross_entropy(self(x), y)
+
+        def validation_step(self, batch: Any, batch_idx: int) -> None:
+            x, y = batch
+            self.log("val/loss", nn.functional.cross_entropy(self(x), y))
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+        def train_dataloader(self) -> DataLoader:
+            g = torch.Generator().manual_seed(1)
+            data = TensorDataset(torch.randn(n_train, width, generator=g), torch.randint(0, 10, (n_train,), generator=g))
+            return DataLoader(data, batch_size=batch_size, shuffle=True)
+
+        def val_dataloader(self) -> DataLoader:
+            g = torch.Generator().manual_seed(2)
+            data = TensorDataset(torch.randn(2 * batch_size, width, generator=g), torch.randint(0, 10, (2 * batch_size,), generator=g))
+            return DataLoader(data, batch_size=batch_size)
+
+    torch.manual_seed(seed)
+    return MLP()
+
+
+def trainer_for(callbacks: list, root: str, epochs: int, device: str, **kw: Any) -> Any:
+    import pytorch_lightning as pl
+
+    return pl.Trainer(
+        default_root_dir=root,
+        accelerator=device,
+        devices=1,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kw,
+    )
+
+
+def make_callback(kind: str, root: str) -> list:
+    if kind == "plain":
+        return []
+    if kind.startswith("CheckpointAveraging"):
+        from lightning_soup import CheckpointAveraging
+
+        mode = "cpu" if kind.endswith("cpu") else "disk"
+        return [CheckpointAveraging(window=5, every_n_epochs=1, snapshots=mode, dirpath=root, verbose=False)]
+    if kind == "WeightAveraging":
+        from pytorch_lightning.callbacks import WeightAveraging
+
+        class EveryEpoch(WeightAveraging):
+            def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+                return epoch_idx is not None
+
+        return [EveryEpoch()]
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def bench_training(args: argparse.Namespace) -> dict[str, Any]:
+    import pytorch_lightning as pl
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.epoch_starts: list[float] = []
+            self.end_start = 0.0
+
+        def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+            self.epoch_starts.append(time.perf_counter())
+
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            self.epoch_starts.append(time.perf_counter())  # the last epoch ends (and its snapshot is taken) here
+
+    kinds = ["plain", "CheckpointAveraging[disk]", "CheckpointAveraging[cpu]"]
+    try:
+        from pytorch_lightning.callbacks import WeightAveraging  # noqa: F401
+
+        kinds.append("WeightAveraging")
+    except ImportError:
+        pass
+    epochs: dict[str, list[float]] = {k: [] for k in kinds}
+    fit_end: dict[str, list[float]] = {k: [] for k in kinds}
+    for _ in range(args.repeats):
+        for kind in kinds:
+            with tempfile.TemporaryDirectory() as root:
+                clock = Clock()
+                module = make_module(args.width, args.depth, args.n_train, args.batch_size)
+                # The clock goes first, so it times the epoch end including every other callback's work.
+                trainer = trainer_for([clock, *make_callback(kind, root)], root, args.epochs, args.device)
+                trainer.fit(module)
+                done = time.perf_counter()
+                starts = clock.epoch_starts
+                epochs[kind] += [b - a for a, b in zip(starts[1:-1], starts[2:])]  # skip the first (warm-up) epoch
+                fit_end[kind].append(done - starts[-1])
+    plain = statistics.median(epochs["plain"])
+    rows = []
+    for kind in kinds:
+        median = statistics.median(epochs[kind])
+        rows.append(
+            {
+                "name": kind,
+                "epoch_s": median,
+                "overhead_pct": 100.0 * (median / plain - 1.0),
+                "end_of_fit_s": statistics.median(fit_end[kind]),
+            }
+        )
+    n_params = sum(p.numel() for p in make_module(args.width, args.depth, 8, 8).parameters())
+    return {"params_m": n_params / 1e6, "epochs": args.epochs, "repeats": args.repeats, "runs": rows}
+
+
+# ------------------------------------------------------------------------------------------------------ update
+
+
+def _best(fn: Any, repeats: int, sync: Any) -> float:
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def bench_update(args: argparse.Namespace) -> dict[str, Any]:
+    from lightning_soup.callbacks.averaging import _SnapshotStore
+    from lightning_soup.merge import _inplace
+
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    module = make_module(args.update_width, args.depth, 8, 8).to(device)
+    live = {k: v.detach() for k, v in module.state_dict().items()}
+    floats = [v for v in live.values() if v.is_floating_point()]
+    mb = sum(t.numel() * t.element_size() for t in floats) / 1e6
+    sums = [torch.zeros_like(t, dtype=torch.float32) for t in floats]
+    old = [t.clone() for t in floats]
+
+    def plain_add() -> None:
+        for s, w in zip(sums, floats):
+            s.add_(w)
+
+    result: dict[str, Any] = {"weights_mb": mb}
+    timings = {
+        "torch.add pass": plain_add,
+        "torch._foreach_add_ pass": lambda: torch._foreach_add_(sums, floats),
+        "accumulate_ (sum += new - evicted)": lambda: _inplace.accumulate_(sums, floats, old),
+    }
+    with tempfile.TemporaryDirectory() as root:
+        for mode in ("cpu", "disk"):
+            store = _SnapshotStore(Path(root) / mode, mode, live)
+            (Path(root) / mode).mkdir()
+            window = 5
+            names = [f"s{i}.safetensors" for i in range(window)]
+            for name in names:
+                store.push(name, live)
+            store.flush()
+            counter = [window]
+
+            def push(store: _SnapshotStore = store) -> None:
+                name = f"s{counter[0]}.safetensors"
+                counter[0] += 1
+                evicted = names.pop(0)
+                names.append(name)
+                store.push(name, live, evicted)
+                store.delete_files([evicted])
+
+            # The background file write of the previous push is finished before timing (as in training, where an
+            # epoch separates two pushes), so only the main thread's work is timed.
+            times = []
+            for _ in range(args.update_repeats):
+                store.flush()
+                sync()
+                start = time.perf_counter()
+                push()
+                sync()
+                times.append(time.perf_counter() - start)
+            store.close()
+            timings[f"snapshot push [{mode}] (main thread)"] = min(times)
+    rows = []
+    base = None
+    for name, value in timings.items():
+        seconds = value if isinstance(value, float) else _best(value, args.update_repeats, sync)
+        base = seconds if base is None else base
+        rows.append({"op": name, "ms": 1e3 * seconds, "x_torch_add": seconds / base})
+    result["ops"] = rows
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ memory
+
+
+def _status_kb(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def _peak_rss_anon_mb(argv: list[str]) -> float:
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE.parent)
+    peak = 0
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            value = _status_kb(proc.pid, "RssAnon")
+            if value is not None:
+                peak = max(peak, value)
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, err = proc.communicate()
+    done.set()
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory child failed: {err.decode()[-2000:]}")
+    return peak / 1024
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    window, mode = args.memory_child
+    window = int(window)
+    with tempfile.TemporaryDirectory() as root:
+        callbacks = []
+        if mode != "none":
+            from lightning_soup import CheckpointAveraging
+
+            callbacks = [CheckpointAveraging(window=window, snapshots=mode, dirpath=root, verbose=False)]
+        module = make_module(args.width, args.depth, 4 * args.batch_size, args.batch_size)
+        trainer = trainer_for(callbacks, root, args.memory_epochs, "cpu", limit_train_batches=2, limit_val_batches=0)
+        trainer.fit(module)
+
+
+def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
+    script = str(Path(__file__).resolve())
+    common = ["--width", str(args.width), "--depth", str(args.depth), "--batch-size", str(args.batch_size)]
+    epochs = 18  # window + 2 for the largest window
+    model_mb = sum(p.numel() * 4 for p in make_module(args.width, args.depth, 8, 8).state_dict().values()) / 1e6
+    base = _peak_rss_anon_mb([sys.executable, script, *common, "--memory-epochs", str(epochs), "--memory-child", "0", "none"])
+    rows = []
+    for mode in ("disk", "cpu"):
+        for window in (2, 16):
+            argv = [sys.executable, script, *common, "--memory-epochs", str(epochs), "--memory-child", str(window), mode]
+            peak = _peak_rss_anon_mb(argv)
+            rows.append({"case": f"{mode} window={window}", "peak_rss_anon_mb": peak, "extra_mb": peak - base})
+    return {"model_mb": model_mb, "plain_peak_rss_anon_mb": base, "runs": rows}
+
+
+# -------------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="write the figures here")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="small sizes, one repeat: a smoke run")
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--n-train", type=int, default=4096)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--update-width", type=int, default=2048, help="MLP width for the update timing")
+    parser.add_argument("--update-repeats", type=int, default=10)
+    parser.add_argument("--memory-epochs", type=int, default=18)
+    parser.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--only", nargs="*", choices=["training", "update", "memory"], default=None)
+    args = parser.parse_args(argv)
+    if args.memory_child is not None:
+        memory_child(args)
+        return 0
+    if args.quick:
+        args.width, args.n_train, args.epochs, args.repeats = 256, 1024, 3, 1
+        args.update_width, args.update_repeats = 512, 3
+
+    import logging
+    import warnings
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+
+    only = set(args.only or ["training", "update", "memory"])
+    results: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads()}
+    if "update" in only:
+        results["update"] = bench_update(args)
+        print(json.dumps(results["update"], indent=1), flush=True)
+    if "memory" in only:
+        results["memory"] = bench_memory(args)
+        print(json.dumps(results["memory"], indent=1), flush=True)
+    if "training" in only:
+        results["training"] = bench_training(args)
+        print(json.dumps(results["training"], indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
