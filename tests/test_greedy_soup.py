@@ -462,3 +462,39 @@ def test_state_dict_loads_with_weights_only(tmp_path: Path) -> None:
     other = _GreedySoup(monitor="val/acc")
     other.load_state_dict(loaded)
     assert other._online == cb._online and other._entries[0]["status"] == "skipped"
+
+
+# ------------------------------------------------------------------------------------------------------- DDP
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name", ["pytorch_lightning", "lightning"])
+def test_ddp_soup_equals_reference_on_every_rank(tmp_path: Path, name: str) -> None:
+    from _launch import launch
+
+    ranks = launch("greedy_soup_ddp.py", tmp_path, name, nprocs=2, timeout=360)
+    zero, one = ranks
+    assert len(zero["scores"]) == 4 and zero["scores"] == one["scores"]
+    assert zero["recipe"] == one["recipe"]  # the same decisions everywhere
+    recipe = zero["recipe"]
+    accepted = [(i["epoch"]) for i in recipe["ingredients"] if i["accepted"]]
+    assert accepted == [zero["members"][k] for k in range(len(zero["members"]))]  # epoch i is ingredient i
+    assert [i["soup_score"] for i in recipe["ingredients"]] == pytest.approx(zero["trace"], abs=1e-6)
+
+    soup_file = load_file(str(tmp_path / "soup" / "soup.safetensors"))
+    assert_close_states(soup_file, load_file(str(tmp_path / "reference.safetensors")))
+    module0 = load_file(str(tmp_path / "module_rank0.safetensors"))
+    assert_equal_states(module0, load_file(str(tmp_path / "module_rank1.safetensors")))  # both ranks hold the soup
+    assert_equal_states(module0, soup_file)
+
+    # Rank zero alone touches files: each ingredient written once and each of its tensors read once.
+    assert one["opened"] == [] and one["reads"] == {} and one["commits"] == []
+    ingredient_files = sorted(f"ingredients/epoch={i['epoch']}-step={i['step']}.safetensors" for i in recipe["ingredients"])
+    assert sorted(c for c in zero["commits"] if c.startswith("ingredients/")) == ingredient_files
+    assert sorted(c for c in zero["commits"] if not c.startswith("ingredients/")) == [
+        "final.safetensors", "soup.json", "soup.safetensors"
+    ]
+    n_keys = len(soup_file)
+    assert len(zero["reads"]) == 4 * n_keys and set(zero["reads"].values()) == {1}
