@@ -39,11 +39,12 @@ def reference_blend(
     """anchor + r·(θ − anchor) in float64 per floating key (first matching pattern's r); θ's integer entries."""
     out = {}
     for key, t in theta.items():
+        t = t.cpu()
         if not t.is_floating_point():
             out[key] = t.clone()
             continue
         r = next((v for p, v in (layer_ratios or {}).items() if fnmatch.fnmatchcase(key, p)), ratio)
-        a = anchor[key].double()
+        a = anchor[key].cpu().double()
         out[key] = (a + r * (t.double() - a)).to(t.dtype)
     return out
 
@@ -51,7 +52,7 @@ def reference_blend(
 def assert_state_close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], **tol: Any) -> None:
     assert actual.keys() == expected.keys()
     for key in expected:
-        a, e = actual[key].detach().cpu(), expected[key]
+        a, e = actual[key].detach().cpu(), expected[key].detach().cpu()
         assert a.dtype == e.dtype, key
         if e.is_floating_point():
             torch.testing.assert_close(a, e, rtol=tol.get("rtol", 1e-6), atol=tol.get("atol", 1e-6), msg=key)
@@ -572,6 +573,17 @@ def test_blends_the_producer_result_whatever_the_order(
         assert not torch.equal(result["net.0.weight"], capture.at_train_end["net.0.weight"])
     assert_state_close(clone_state(model), reference_blend(initial, result, 0.5))
     assert_state_close(load_file(tmp_path / "soup" / "final.safetensors"), capture.at_train_end, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_sweep_on_cuda(flavour: SimpleNamespace, tmp_path: Path) -> None:
+    layer_ratios = {"net.3.*": 1.0}
+    blend = flavour.soup.TaskArithmeticBlend(ratio=[0.0, 0.5, 1.0], monitor="val/acc", layer_ratios=layer_ratios)
+    run = fit(flavour, tmp_path, blend, accelerator="gpu", devices=1, deterministic=False)
+    assert run.theta is not None and run.theta["net.0.weight"].is_cuda
+    ratio = report(tmp_path / "soup")["ratio"]
+    assert_state_close(clone_state(run.model), reference_blend(run.before, run.theta, ratio, layer_ratios))
+    assert_state_close(load_file(tmp_path / "soup" / "blended.safetensors"), clone_state(run.model), rtol=0, atol=0)
 
 
 # ------------------------------------------------------------------------------------------------ DDP
