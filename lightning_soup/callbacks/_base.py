@@ -78,7 +78,11 @@ class SoupCallback:
         if trainer.is_global_zero:
             problem = _check_writable_dir(path, argument=f"`{type(self).__name__.lstrip('_')}(dirpath=...)`")
             if problem is None:
-                storage.remove_stale_temp_files(path)
+                # A killed run leaves temporaries in the callbacks' subfolders too (snapshots/, ingredients/,
+                # online/rank{R}/): clean dirpath and two levels below it.
+                children = [p for p in path.iterdir() if p.is_dir()]
+                for folder in [path, *children, *(q for p in children for q in p.iterdir() if q.is_dir())]:
+                    storage.remove_stale_temp_files(folder)
         problem = trainer.strategy.broadcast(problem)
         if problem is not None:
             raise SoupError(problem)
