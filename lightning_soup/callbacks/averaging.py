@@ -294,18 +294,24 @@ class _CheckpointAveraging(_base.SoupCallback):
         dirpath: output folder; default ``<trainer.default_root_dir>/soup``.
         snapshots: ``"disk"`` keeps the window's snapshots in safetensors files, ``"cpu"`` in host RAM (written to
             disk only when a Lightning checkpoint needs them for resuming).
-        validate_average: after every snapshot, run the validation loop on the current average and log its metrics
-            as ``average/<metric>`` (e.g. ``average/val/acc``); ``ModelCheckpoint``/``EarlyStopping`` keep
-            monitoring the raw weights' metrics (or may monitor ``average/...``). Costs one validation per snapshot.
+        validate_average: after every snapshot, run the validation loop on the current average (the newest
+            snapshot included) and log its metrics as ``average/<metric>`` (e.g. ``average/val/acc``), for loggers
+            and ``trainer.callback_metrics``. ``ModelCheckpoint``/``EarlyStopping`` keep monitoring the raw
+            weights' metrics, untouched. Costs one validation pass per snapshot.
         verbose: print a summary table at the end of fit (global rank zero).
 
     Raises:
         SoupError: an argument is invalid (all problems are reported at once).
 
     Example:
-        >>> from lightning_soup.callbacks.averaging import _CheckpointAveraging
-        >>> _CheckpointAveraging(window=3, every_n_train_steps=100).state_key
+        >>> from lightning_soup import CheckpointAveraging
+        >>> averaging = CheckpointAveraging(window=3, every_n_train_steps=100)  # Trainer(callbacks=[averaging])
+        >>> averaging.state_key
         "CheckpointAveraging{'window': 3, 'every_n_epochs': 1, 'every_n_train_steps': 100, 'dirpath': None}"
+        >>> CheckpointAveraging(window=0, snapshots="gpu")
+        Traceback (most recent call last):
+            ...
+        lightning_soup.errors.SoupError: Invalid CheckpointAveraging arguments: `window` must be an int >= 1, got 0; `snapshots` can be 'disk' or 'cpu', got 'gpu'.
     """
 
     _produces_weights = True
@@ -416,6 +422,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         self._dir = self.prepare_dirpath(trainer)
         if trainer.is_global_zero:
             (self._dir / _SNAPSHOT_DIR).mkdir(exist_ok=True)
+            storage.remove_stale_temp_files(self._dir / _SNAPSHOT_DIR)  # half-written snapshots of a dead run
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
