@@ -166,8 +166,13 @@ def check_compatible(inputs: Sequence[Input]) -> None:
     problems = _inspect.compare(metas, names).problems()
     if problems:
         more = len(problems) - 1
-        extra = f" (and {more} more incompatibilit{'y' if more == 1 else 'ies'}: run `lightning-soup inspect`)"
-        raise SoupError(problems[0] + (extra if more else ""))
+        extra = f" (and {more} more incompatibilit{'y' if more == 1 else 'ies'})" if more else ""
+        # Say what to do, not only what differs: the usual causes are another model or a wrapper prefix.
+        hint = (
+            "; merge only checkpoints of the same model (`--prefix` selects a sub-module's keys); "
+            "`lightning-soup inspect` lists every difference"
+        )
+        raise SoupError(problems[0] + extra + hint)
     core_check(metas, names)  # the functional core's own check, so that the two can never disagree
 
 
