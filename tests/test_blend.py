@@ -522,6 +522,29 @@ def test_resume_blends_toward_the_first_initial_weights(
     assert not (tmp_path / "soup" / "anchor.pending.safetensors").exists()
 
 
+@pytest.mark.parametrize("late_restore", [False, True])
+def test_resume_without_callback_state_warns_and_anchors_at_the_resumed_weights(
+    flavour: SimpleNamespace, tmp_path: Path, late_restore: bool
+) -> None:
+    pl = flavour.pl
+    def strategy() -> dict[str, Any]:
+        return {"strategy": _late_restoring_strategy(pl)} if late_restore else {}
+
+    checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)
+    fit(flavour, tmp_path, flavour.soup.TaskArithmeticBlend(ratio=0.5), extra=[checkpoints],
+        enable_checkpointing=True, max_epochs=1, **strategy())
+    ckpt = tmp_path / "ckpt" / "last.ckpt"
+    in_checkpoint = torch.load(ckpt, weights_only=True)["state_dict"]
+    # Another dirpath: another state key, so the checkpoint holds no state for this callback.
+    blend = flavour.soup.TaskArithmeticBlend(ratio=0.5, dirpath=str(tmp_path / "other"))
+    with pytest.warns(UserWarning, match="holds no state of this callback"):
+        run = fit(flavour, tmp_path, blend, model=make_model(pl, seed=7), ckpt_path=str(ckpt), max_epochs=2,
+                  **strategy())
+    assert_state_close(load_file(tmp_path / "other" / "anchor.safetensors"), in_checkpoint, rtol=0, atol=0)
+    assert_state_close(clone_state(run.model), reference_blend(in_checkpoint, run.theta, 0.5))
+    assert not (tmp_path / "other" / "anchor.pending.safetensors").exists()
+
+
 def test_resume_without_the_initial_anchor_file_fails_naming_it(flavour: SimpleNamespace, tmp_path: Path) -> None:
     pl = flavour.pl
     checkpoints = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)

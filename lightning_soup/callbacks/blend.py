@@ -57,7 +57,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
     Files written to ``dirpath`` (global rank zero only):
 
     * ``anchor.safetensors`` — with ``anchor="initial"``, the weights when fit first started. A resumed run
-      keeps blending toward this file (it is never overwritten; resuming without it is an error).
+      keeps blending toward this file (it is never overwritten; resuming without it is an error). A checkpoint
+      without this callback's state (another ``dirpath`` or ``anchor``) anchors at the resumed weights, with a
+      warning.
     * ``final.safetensors`` — the trained weights before blending.
     * ``blended.safetensors`` — the result, with its recipe (anchor, ratio, layer ratios, scores) in the metadata.
     * ``blend.json`` — every ratio's metrics, which met the constraint, and the choice (also without a sweep).
@@ -219,7 +221,21 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             trainer.strategy.barrier("lightning_soup.blend.anchor")
             self._raise_anchor_problem(trainer, pl_module, self._anchor_path(), check_values=False)
             return
-        if trainer.is_global_zero:
+        if trainer.ckpt_path is not None:
+            # Resuming from a checkpoint without this callback's state (another `dirpath` or `anchor`, or a
+            # weights-only checkpoint): the first fit's weights are unknown, so the resumed weights stand in for them
+            # (with late-restoring strategies, the pending file holds the weights from before the restore).
+            _base.warn_on_rank_zero(
+                trainer,
+                f"{_NAME}(anchor='initial'): resuming from {str(trainer.ckpt_path)!r}, which holds no state of this "
+                f"callback (state key {self.state_key}), so the anchor is the weights this fit resumed from, not "
+                "those the original run started with. Resume with the same `dirpath` to keep that anchor.",
+            )
+            recipe = {"method": "anchor", "anchor": "resumed", "global_step": trainer.global_step}
+            _base.write_module_weights(trainer, pl_module, self._anchor_path(), recipe)
+            if trainer.is_global_zero:
+                pending.unlink(missing_ok=True)
+        elif trainer.is_global_zero:
             os.replace(pending, self._anchor_path())
         trainer.strategy.barrier("lightning_soup.blend.anchor")
         self._anchor_saved = True
