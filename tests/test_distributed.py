@@ -239,6 +239,38 @@ def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
         _assert_state_close(load_file(tmp_path / f"module_rank{rank}.safetensors"), blended, f"module on rank {rank}")
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_fsdp2_crash_and_resume(tmp_path: Path) -> None:
+    """FSDP2: a run resumed from a distributed checkpoint ends with the averages of an uninterrupted one."""
+    ranks = launch("fsdp2_resume.py", tmp_path, "lightning", timeout=460)
+    soup_dir = tmp_path / "soup"
+    capture = {p.stem: _floats64(load_file(p)) for p in (tmp_path / "capture").glob("*.safetensors")}
+    epochs = [capture[f"epoch{e}"] for e in range(4)]
+    floats = [k for k, v in epochs[0].items() if v.is_floating_point()]
+
+    def mean_of(members: list[int], ints_from: int) -> dict[str, torch.Tensor]:
+        return {k: sum(epochs[e][k] for e in members) / len(members) if k in floats else epochs[ints_from][k] for k in epochs[0]}
+
+    # The window spans the crash: epoch 1 from the first fit, epochs 2 and 3 from the resumed one.
+    _assert_state_close(load_file(soup_dir / "average.safetensors"), mean_of([1, 2, 3], 3), "average")
+    recipe = ranks[0]["recipe"]
+    assert recipe == ranks[1]["recipe"]
+    tried = [i["epoch"] for i in recipe["ingredients"]]
+    scores = {int(e): v for e, v in ranks[0]["scores"].items()}
+    assert tried == sorted(range(4), key=lambda e: (scores[e], e))  # ingredients from before the crash too
+    accepted = [i["epoch"] for i in recipe["ingredients"] if i["accepted"]]
+    soup = mean_of(accepted, tried[0])
+    _assert_state_close(load_file(soup_dir / "soup.safetensors"), soup, "soup")
+    # The anchor is the first fit's initial weights, not the weights the resumed fit started from.
+    initial = capture["initial"]
+    blended = {k: initial[k] + 0.5 * (soup[k] - initial[k]) if k in floats else soup[k] for k in soup}
+    _assert_state_close(load_file(soup_dir / "blended.safetensors"), blended, "blended")
+    for rank in range(2):
+        _assert_state_close(load_file(tmp_path / f"module_rank{rank}.safetensors"), blended, f"module on rank {rank}")
+
+
 # ------------------------------------------------------------------------------------------------ DDP family
 
 
