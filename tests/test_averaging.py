@@ -367,6 +367,15 @@ def test_resume_with_missing_snapshot_files_names_them(flavour: Any, tmp_path: P
             enable_checkpointing=True, limit_val_batches=0)
 
 
+def test_unreadable_snapshot_at_the_end_is_a_soup_error(flavour: Any, tmp_path: Path) -> None:
+    class Vandal(flavour.pl.Callback):
+        def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+            (tmp_path / "soup" / "snapshots" / "epoch=1-step=12.safetensors").unlink()
+
+    with pytest.raises(SoupError, match=r"could not compute the average.*epoch=1-step=12\.safetensors"):
+        fit(flavour, tmp_path, [Vandal(), flavour.soup.CheckpointAveraging(window=2, verbose=False)], max_epochs=3)
+
+
 def test_state_dict_is_plain(tmp_path: Path) -> None:
     cb = _CheckpointAveraging(window=2)
     cb._records = [{"file": "epoch=0-step=6.safetensors", "epoch": 0, "step": 6}]

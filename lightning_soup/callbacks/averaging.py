@@ -483,17 +483,16 @@ class _CheckpointAveraging(_base.SoupCallback):
             self._close_store()
             return
         self.recipe = self._recipe()
+        problem, error = None, None
         if self._store is not None:
-            # The exact mean of the window, oldest first: no add/evict rounding left in the result.
-            self._store.flush()
-            self._store.rebuild([r["file"] for r in self._records])
-            live = _base.module_tensors(pl_module)
-            self._store.mean_into_([live[k] for k in self._store.float_keys], len(self._records))
-            newest = self._store.load(self._records[-1]["file"])
-            integer = {k: v for k, v in newest.items() if not v.is_floating_point()}
-            with torch.no_grad():
-                _inplace.assign_([live[k] for k in integer], list(integer.values()))
-            self._close_store()
+            try:
+                self._load_average_(pl_module)
+            except Exception as e:  # e.g. a snapshot file removed or unreadable: tell every rank, not only this one
+                problem, error = f"CheckpointAveraging could not compute the average: {e}", e
+        # Every rank learns whether rank zero succeeded before entering the next collective, so none waits forever.
+        problem = trainer.strategy.broadcast(problem)
+        if problem is not None:
+            raise SoupError(problem) from error
         _base.broadcast_module_(trainer, pl_module)
         self.average_path = _base.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
         if self.verbose:
@@ -511,6 +510,21 @@ class _CheckpointAveraging(_base.SoupCallback):
             self._close_store(raise_errors=False)
 
     # ---------------------------------------------------------------------------------------------------- helpers
+    def _load_average_(self, pl_module: Any) -> None:
+        """Rank zero: put the exact mean of the window into the module; integer buffers from the newest snapshot."""
+        assert self._store is not None
+        store = self._store
+        # Recomputed from the snapshots, oldest first: no add/evict rounding is left in the result.
+        store.flush()
+        store.rebuild([r["file"] for r in self._records])
+        live = _base.module_tensors(pl_module)
+        store.mean_into_([live[k] for k in store.float_keys], len(self._records))
+        newest = store.load(self._records[-1]["file"])
+        integer = {k: v for k, v in newest.items() if not v.is_floating_point()}
+        with torch.no_grad():
+            _inplace.assign_([live[k] for k in integer], list(integer.values()))
+        self._close_store()
+
     def _snapshot_dir(self, trainer: Any) -> Path:
         return (self._dir if self._dir is not None else self.dirpath_for(trainer)) / _SNAPSHOT_DIR
 
