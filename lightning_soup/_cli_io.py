@@ -103,6 +103,8 @@ def device_of(name: str) -> torch.device:
         device = torch.device(name)
     except (RuntimeError, ValueError):
         raise SoupError(f"--device {name}: not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    if device.type == "meta":
+        raise SoupError(f"--device {name}: meta tensors hold no data; use cpu or an accelerator")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise SoupError(f"--device {name}: CUDA is not available on this machine; use --device cpu")

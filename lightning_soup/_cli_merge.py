@@ -259,6 +259,7 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
             def load(key: str) -> list[Tensor]:
                 return [i[key] for i in inputs]
 
+            storage.remove_stale_temp_files(output.parent)  # what a killed earlier run left behind
             with storage.SafetensorsWriter(output, specs, recipe=recipe, shard_size=args.shard_size) as writer:
                 for key, tensors in prefetch(specs, load):
                     tensors = [t.to(device=device, dtype=_compute_dtype(t, target)) for t in tensors]

@@ -172,7 +172,8 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
         default=None,
         metavar="PREFIX",
         help="use only the keys that start with PREFIX, with PREFIX removed (e.g. 'model.' for a LightningModule "
-        "whose network is self.model), so the output loads straight into the inner network",
+        "whose network is self.model), so the output loads straight into the inner network; inputs without such "
+        "keys (a .safetensors of the inner network next to a .ckpt) are used as they are",
     )
     p.add_argument("--device", default="cpu", metavar="DEVICE", help="compute on this device, e.g. cuda or cuda:1 (default: cpu)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary on stderr")

@@ -521,6 +521,17 @@ def test_failure_while_streaming_leaves_no_output(
     assert set(tmp_path.iterdir()) == before and out.read_bytes() == b"previous"
 
 
+def test_cleans_up_what_a_killed_run_left_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, fts = make_models(2)
+    a, b = write(fts[0], tmp_path / "A", "safetensors"), write(fts[1], tmp_path / "B", "safetensors")
+    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".out.safetensors.tmp-{dead}-0123abcd.safetensors"
+    stale.write_bytes(b"half a tensor")
+    assert run(["average", a, b, "-o", tmp_path / "out.safetensors"], capsys)[0] == 0
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["A.safetensors", "B.safetensors", "out.safetensors"]
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -564,8 +575,9 @@ def test_unavailable_device_is_reported(tmp_path: Path, capsys: pytest.CaptureFi
     a, b = write(fts[0], tmp_path / "A", "safetensors"), write(fts[1], tmp_path / "B", "safetensors")
     rc, _, err = run(["average", a, b, "-o", tmp_path / "o.safetensors", "--device", "cuda"], capsys)
     assert rc == 1 and "CUDA is not available" in err and not (tmp_path / "o.safetensors").exists()
-    rc, _, err = run(["average", a, b, "-o", tmp_path / "o.safetensors", "--device", "nonsense"], capsys)
-    assert rc == 1 and "--device nonsense" in err
+    for device in ("nonsense", "meta"):
+        rc, _, err = run(["average", a, b, "-o", tmp_path / "o.safetensors", "--device", device], capsys)
+        assert rc == 1 and f"--device {device}" in err and err.count("\n") == 1
 
 
 @pytest.mark.gpu
@@ -768,3 +780,30 @@ def test_console_script_and_python_m(tmp_path: Path) -> None:
     )
     assert proc.returncode == 1
     assert proc.stderr == f"lightning-soup: error: {out} already exists; pass --force to overwrite it\n"
+
+
+@pytest.mark.slow
+def test_real_lightning_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Checkpoints written by Trainer.save_checkpoint (optimizer state, loops, hparams) average into the inner net."""
+    import pytorch_lightning as pl
+
+    from tests._models import make_model, trainer_kwargs
+
+    paths, nets = [], []
+    for seed in (0, 1):
+        model = make_model(pl, seed=seed)
+        trainer = pl.Trainer(**trainer_kwargs(tmp_path / f"run{seed}", max_epochs=1, limit_train_batches=2, limit_val_batches=1))
+        trainer.fit(model)
+        path = tmp_path / f"seed{seed}.ckpt"
+        trainer.save_checkpoint(path)
+        paths.append(path)
+        nets.append({k: v.detach().clone() for k, v in model.net.state_dict().items()})
+
+    out = tmp_path / "net.safetensors"
+    rc, _, err = run(["average", *paths, "-o", out, "--prefix", "net"], capsys)
+    assert rc == 0, err
+    merged = load_file(out)
+    fresh = make_model(pl, seed=5)
+    fresh.net.load_state_dict(merged, strict=True)
+    assert_close(merged, ref_weighted(nets, [1, 1]))
+    assert torch.equal(merged["1.num_batches_tracked"], nets[0]["1.num_batches_tracked"])
