@@ -97,15 +97,17 @@ class CollectiveCounter:
     """Counts the calls that would move whole weights between ranks, while :attr:`active`.
 
     Patched: ``DTensor.full_tensor``/``redistribute``, ``distribute_tensor``, the DTensor functional all-gather,
-    ``torch.distributed.{all_gather, all_gather_object, gather, gather_object, scatter}``, ``broadcast`` of
-    floating tensors (decisions travel as byte/long tensors), ``all_reduce`` of non-scalars (Lightning syncs
-    logged scalars) and ``get_model_state_dict``/``get_state_dict``. FSDP2's own per-layer parameter all-gather
-    in forward (``all_gather_into_tensor``) is not counted: it is the training itself.
+    ``torch.distributed.{all_gather, all_gather_object, gather, gather_object, scatter}``, ``all_reduce`` of
+    non-scalars (Lightning syncs logged scalars) and ``get_model_state_dict``/``get_state_dict``. ``broadcast``
+    of floating tensors is recorded by size in :attr:`broadcast_numel` (decisions travel as byte/long tensors;
+    buffers, which FSDP2 does not synchronise, may legitimately be broadcast). FSDP2's own per-layer parameter
+    all-gather in forward (``all_gather_into_tensor``) is not counted: it is the training itself.
     """
 
     def __init__(self) -> None:
         self.active = False
         self.calls: dict[str, int] = {}
+        self.broadcast_numel: list[int] = []
         self._undo: list[tuple[Any, str, Any]] = []
 
     def _wrap(self, owner: Any, name: str, counts: Any = None) -> None:
@@ -128,7 +130,9 @@ class CollectiveCounter:
         from torch.distributed.tensor import DTensor
 
         def floating(tensor: Any, *args: Any, **kwargs: Any) -> bool:
-            return isinstance(tensor, torch.Tensor) and tensor.is_floating_point()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                self.broadcast_numel.append(tensor.numel())
+            return False
 
         def non_scalar(tensor: Any, *args: Any, **kwargs: Any) -> bool:
             return isinstance(tensor, torch.Tensor) and tensor.numel() > 1

@@ -42,6 +42,8 @@ class Count(pl.Callback):
 
     def on_train_end(self, trainer, pl_module):
         counter.active = False
+        value = trainer.callback_metrics.get("average/val/loss")  # validate_average at the last snapshot
+        self.average_loss = None if value is None else float(value)
 
 
 class Capture(pl.Callback):
@@ -81,18 +83,19 @@ def main() -> None:
     torch.manual_seed(0)
     model = sharded_classifier_class(pl)(lr=0.1)
     capture = Capture()
-    averaging = soup.CheckpointAveraging(window=2)
+    count = Count()
+    averaging = soup.CheckpointAveraging(window=2, validate_average=True)
     # val/loss is continuous: a candidate scored with any other weights (or rank 1's buffers) shows.
     greedy = soup.GreedySoup(monitor="val/loss", mode="min")
     blend = soup.TaskArithmeticBlend(anchor="initial", ratio=[0.25, 0.75], monitor="val/loss", mode="min")
     trainer = pl.Trainer(
         **trainer_kwargs(
             OUT, devices=2, max_epochs=3, strategy=model_parallel_strategy(pl),
-            callbacks=[Count(), capture, blend, averaging, greedy],  # the blend listed first still runs last
+            callbacks=[count, capture, blend, averaging, greedy],  # the blend listed first still runs last
         )
     )
     trainer.fit(model)
-    counts = dict(counter.calls)
+    counts, broadcast_numel = dict(counter.calls), list(counter.broadcast_numel)
     counter.uninstall()
     rank = trainer.global_rank
     save_file(full_state(model), str(OUT / f"module_rank{rank}.safetensors"))
@@ -105,9 +108,11 @@ def main() -> None:
         rank,
         {
             "gathers_during_training": counts,
+            "broadcast_numel_during_training": broadcast_numel,
             "scores": capture.scores,
             "recipe": greedy.recipe,
             "average_recipe": averaging.recipe,
+            "average_val_loss": count.average_loss,
             "blend": blend.result,
             "validated_soup": validated,
             "files": state_files(OUT / "soup") if rank == 0 else None,
