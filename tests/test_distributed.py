@@ -69,6 +69,24 @@ def test_check_strategy_refuses_fsdp1_deepspeed_and_unknown(flavour: SimpleNames
             assert fragment in message, (fragment, message)
 
 
+def test_every_callback_refuses_fsdp1_at_setup_before_writing(flavour: SimpleNamespace, tmp_path: Path) -> None:
+    s = flavour.pl.strategies
+    trainer = SimpleNamespace(
+        strategy=s.FSDPStrategy(), is_global_zero=True, global_rank=0, world_size=1, limit_val_batches=1.0,
+        default_root_dir=str(tmp_path), callbacks=[], state=SimpleNamespace(fn="fit"),
+    )
+    callbacks = [
+        flavour.soup.CheckpointAveraging(),
+        flavour.soup.GreedySoup(monitor="val/acc"),
+        flavour.soup.TaskArithmeticBlend(ratio=0.5),
+    ]
+    trainer.callbacks = callbacks
+    for callback in callbacks:
+        with pytest.raises(SoupError, match=r"does not support `FSDPStrategy`.*ModelParallelStrategy"):
+            callback.setup(trainer, None, "fit")
+    assert not (tmp_path / "soup").exists()
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_state_ownership_and_rank_dirs(flavour: SimpleNamespace, tmp_path: Path, rank: int) -> None:
     s = flavour.pl.strategies

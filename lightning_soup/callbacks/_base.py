@@ -68,11 +68,13 @@ class SoupCallback:
     def prepare_dirpath(self, trainer: Any) -> Path:
         """Create the output folder on rank zero, check it is writable and clear our stale temp files.
 
-        Every rank calls it (at ``setup``) so that an unwritable folder fails everywhere before training starts.
+        Every rank calls it (at ``setup``) so that an unwritable folder fails everywhere before training starts. It
+        also refuses unsupported strategies (:func:`check_strategy`), before anything is written.
 
         Raises:
-            SoupError: ``dirpath`` cannot be created or written.
+            SoupError: the strategy is not supported, or ``dirpath`` cannot be created or written.
         """
+        check_strategy(trainer, self)
         path = self.dirpath_for(trainer)
         problem = None
         if trainer.is_global_zero:
