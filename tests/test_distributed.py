@@ -119,6 +119,7 @@ def test_fsdp2_shard_local_plumbing(tmp_path: Path) -> None:
         assert r["local_shapes"]["net.1.running_mean"] == [16]  # buffers are not sharded
         assert r["local_is_live"] and r["local_shard_matches"] and r["read_back_equal"]
         assert "same number of processes" in r["full_shapes_refused"]
+        assert r["raised_everywhere"] == "rank 1 misses its shard file"
     # Each rank saw other data, so its BatchNorm statistics differ from rank zero's until they are broadcast.
     assert ranks[1]["buffers_differ_before_broadcast"]
 

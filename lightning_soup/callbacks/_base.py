@@ -429,6 +429,38 @@ def broadcast_module_(trainer: Any, pl_module: Any) -> None:
                 torch.distributed.broadcast(value, src=0)
 
 
+def raise_on_every_rank(trainer: Any, problem: str | None, error: BaseException | None = None) -> None:
+    """Raise the same :class:`SoupError` on every rank when any rank found a problem. Every rank calls it.
+
+    Use it where ranks check their own files or shards (sharded state, per-rank folders), so that a problem seen by
+    one rank stops all of them together instead of leaving the others waiting in the next collective. Costs one
+    scalar all-reduce, plus one broadcast of the message from the lowest failing rank when there is one.
+
+    Args:
+        trainer: the trainer (for the rank, world size and strategy).
+        problem: this rank's error message, or None.
+        error: this rank's exception, chained as the cause where it happened.
+
+    Raises:
+        SoupError: on every rank, with the message of the lowest rank that had a problem.
+    """
+    import torch.distributed as dist
+
+    if world_size(trainer) > 1 and dist.is_available() and dist.is_initialized():
+        size = world_size(trainer)
+        device = getattr(trainer.strategy, "root_device", torch.device("cpu"))
+        first = torch.tensor([int(trainer.global_rank) if problem is not None else size], device=device)
+        dist.all_reduce(first, op=dist.ReduceOp.MIN)
+        src = int(first.item())
+        if src == size:
+            return
+        message = trainer.strategy.broadcast(problem, src=src)
+        if problem is None:
+            problem, error = message, None
+    if problem is not None:
+        raise SoupError(problem) from error
+
+
 def producers(trainer: Any) -> list[Any]:
     """The callbacks in ``trainer.callbacks`` whose result replaces the module's weights."""
     return [c for c in trainer.callbacks if getattr(c, "_produces_weights", False)]

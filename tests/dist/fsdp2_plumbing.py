@@ -89,6 +89,14 @@ class Probe(pl.Callback):
                 str(OUT / f"cached_{int(cached_write_then_reshard)}_rank{rank}.safetensors"),
             )
 
+        # A problem found on rank 1 alone is raised on both ranks, with rank 1's message.
+        try:
+            _base.raise_on_every_rank(trainer, "rank 1 misses its shard file" if rank == 1 else None)
+            result["raised_everywhere"] = None
+        except soup.SoupError as e:
+            result["raised_everywhere"] = str(e)
+        _base.raise_on_every_rank(trainer, None)  # no problem: returns on every rank
+
         try:  # a per-rank file from another sharding is refused with a hint
             _base.load_into_module_(pl_module, {k: before[k] for k in state})
             result["full_shapes_refused"] = None
