@@ -143,7 +143,8 @@ def test_soup_equals_independent_greedy_soup(
         return metrics
 
     monkeypatch.setattr(_evaluate, "evaluate", recording_evaluate)
-    run = fit(flavour, tmp_path, monitor, model_kwargs, {"mode": mode}, num_sanity_val_steps=2)
+    logger = flavour.pl.loggers.CSVLogger(str(tmp_path / "logs"), name="", version="")
+    run = fit(flavour, tmp_path, monitor, model_kwargs, {"mode": mode}, num_sanity_val_steps=2, logger=logger)
     cap = run.capture
     assert len(cap.states) == 4
 
@@ -168,6 +169,11 @@ def test_soup_equals_independent_greedy_soup(
     assert [t["soup_score"] for t in tried] == pytest.approx(trace, abs=1e-6)
     assert recipe["soup_score"] == pytest.approx(trace[-1], abs=1e-6)
     assert float(run.trainer.callback_metrics[f"greedy_soup/{monitor}"]) == pytest.approx(recipe["soup_score"])
+    logged = [row for row in (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[1:] if row.strip(",")]
+    header = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[0].split(",")
+    column = header.index(f"greedy_soup/{monitor}")
+    values = [float(r.split(",")[column]) for r in logged if r.split(",")[column]]
+    assert values == [pytest.approx(recipe["soup_score"])]  # logged once, to the trainer's logger
     with safe_open(str(run.dir / "soup.safetensors"), "pt") as f:
         assert json.loads(f.metadata()["lightning_soup"])["ingredients"] == tried
 

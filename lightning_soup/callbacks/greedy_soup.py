@@ -309,8 +309,8 @@ class _GreedySoup(_base.SoupCallback):
             if not self._better(entry["score"], worst["score"]):
                 entry.update(status="pruned", reason=f"not among the best {self.max_ingredients}")
                 return
-            worst.update(status="pruned", reason=f"not among the best {self.max_ingredients}")
-            self._retained.append(worst["file"])
+            self._retained.append(worst["file"])  # deleted once no recent checkpoint names it
+            worst.update(status="pruned", file=None, reason=f"not among the best {self.max_ingredients}")
         name = f"{_INGREDIENT_DIR}/epoch={entry['epoch']}-step={entry['step']}.safetensors"
         recipe = {"method": "greedy_soup_ingredient", "monitor": self.monitor, "score": entry["score"]}
         recipe.update(epoch=entry["epoch"], step=entry["step"])
