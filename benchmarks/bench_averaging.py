@@ -21,6 +21,7 @@ Three measurements, in one run:
 Usage::
 
     python benchmarks/bench_averaging.py --json bench_averaging.json
+    python benchmarks/bench_averaging.py --threads 1 --json bench_averaging.json   # a shared, busy machine
     python benchmarks/bench_averaging.py --quick            # smoke run, numbers not for quoting
 """
 
@@ -182,17 +183,6 @@ def bench_training(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ update
 
 
-def _best(fn: Any, repeats: int, sync: Any) -> float:
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def bench_update(args: argparse.Namespace) -> dict[str, Any]:
     from lightning_soup.callbacks.averaging import _SnapshotStore
     from lightning_soup.merge import _inplace
@@ -210,51 +200,62 @@ def bench_update(args: argparse.Namespace) -> dict[str, Any]:
         for s, w in zip(sums, floats):
             s.add_(w)
 
-    result: dict[str, Any] = {"weights_mb": mb}
-    timings = {
+    root = tempfile.TemporaryDirectory()
+    stores: dict[str, tuple[_SnapshotStore, list[str]]] = {}
+    window = 5
+    for mode in ("cpu", "disk"):
+        (Path(root.name) / mode).mkdir()
+        store = _SnapshotStore(Path(root.name) / mode, mode, live)
+        names = [f"s{i}.safetensors" for i in range(window)]
+        for name in names:
+            store.push(name, live)
+        stores[mode] = (store, names)
+    counter = [window]
+
+    def push(mode: str) -> None:
+        store, names = stores[mode]
+        name = f"s{counter[0]}.safetensors"
+        counter[0] += 1
+        evicted = names.pop(0)
+        names.append(name)
+        store.push(name, live, evicted)
+        store.delete_files([evicted])
+
+    ops = {
         "torch.add pass": plain_add,
         "torch._foreach_add_ pass": lambda: torch._foreach_add_(sums, floats),
         "accumulate_ (sum += new - evicted)": lambda: _inplace.accumulate_(sums, floats, old),
+        "snapshot push [cpu] (main thread)": lambda: push("cpu"),
+        "snapshot push [disk] (main thread)": lambda: push("disk"),
     }
-    with tempfile.TemporaryDirectory() as root:
-        for mode in ("cpu", "disk"):
-            store = _SnapshotStore(Path(root) / mode, mode, live)
-            (Path(root) / mode).mkdir()
-            window = 5
-            names = [f"s{i}.safetensors" for i in range(window)]
-            for name in names:
-                store.push(name, live)
-            store.flush()
-            counter = [window]
-
-            def push(store: _SnapshotStore = store) -> None:
-                name = f"s{counter[0]}.safetensors"
-                counter[0] += 1
-                evicted = names.pop(0)
-                names.append(name)
-                store.push(name, live, evicted)
-                store.delete_files([evicted])
-
-            # The background file write of the previous push is finished before timing (as in training, where an
-            # epoch separates two pushes), so only the main thread's work is timed.
-            times = []
-            for _ in range(args.update_repeats):
+    times: dict[str, list[float]] = {k: [] for k in ops}
+    # Round-robin, so that machine noise hits every op alike. The background file write of the previous push is
+    # finished before timing (in training an epoch separates two pushes): only the main thread's work is timed.
+    for _ in range(args.update_repeats):
+        for name, fn in ops.items():
+            for store, _names in stores.values():
                 store.flush()
-                sync()
-                start = time.perf_counter()
-                push()
-                sync()
-                times.append(time.perf_counter() - start)
-            store.close()
-            timings[f"snapshot push [{mode}] (main thread)"] = min(times)
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    for store, _names in stores.values():
+        store.close()
+    root.cleanup()
+    base_min, base_median = min(times["torch.add pass"]), statistics.median(times["torch.add pass"])
     rows = []
-    base = None
-    for name, value in timings.items():
-        seconds = value if isinstance(value, float) else _best(value, args.update_repeats, sync)
-        base = seconds if base is None else base
-        rows.append({"op": name, "ms": 1e3 * seconds, "x_torch_add": seconds / base})
-    result["ops"] = rows
-    return result
+    for name, values in times.items():
+        rows.append(
+            {
+                "op": name,
+                "min_ms": 1e3 * min(values),
+                "median_ms": 1e3 * statistics.median(values),
+                "x_torch_add_min": min(values) / base_min,
+                "x_torch_add_median": statistics.median(values) / base_median,
+            }
+        )
+    return {"weights_mb": mb, "ops": rows}
 
 
 # ------------------------------------------------------------------------------------------------------ memory
@@ -311,6 +312,8 @@ def memory_child(args: argparse.Namespace) -> None:
 def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
     script = str(Path(__file__).resolve())
     common = ["--width", str(args.width), "--depth", str(args.depth), "--batch-size", str(args.batch_size)]
+    if args.threads is not None:
+        common += ["--threads", str(args.threads)]
     epochs = 18  # window + 2 for the largest window
     model_mb = sum(p.numel() * 4 for p in make_module(args.width, args.depth, 8, 8).state_dict().values()) / 1e6
     base = _peak_rss_anon_mb([sys.executable, script, *common, "--memory-epochs", str(epochs), "--memory-child", "0", "none"])
@@ -324,6 +327,30 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -------------------------------------------------------------------------------------------------------- main
+
+
+def summary(part: str, data: dict[str, Any]) -> str:
+    """A few plain lines per measurement (the JSON has everything)."""
+    if part == "update":
+        lines = [f"update over {data['weights_mb']:.0f} MB of weights (min / median ms, x torch.add):"]
+        for r in data["ops"]:
+            lines.append(
+                f"  {r['op']:40s} {r['min_ms']:8.2f} / {r['median_ms']:8.2f}   "
+                f"{r['x_torch_add_min']:.2f}x / {r['x_torch_add_median']:.2f}x"
+            )
+    elif part == "memory":
+        lines = [f"peak RssAnon above plain training ({data['model_mb']:.0f} MB model, plain "
+                 f"{data['plain_peak_rss_anon_mb']:.0f} MB):"]
+        lines += [f"  {r['case']:20s} +{r['extra_mb']:.0f} MB" for r in data["runs"]]
+    else:
+        lines = [f"training, {data['params_m']:.1f} M parameters, median epoch time (after the first):"]
+        lines += [
+            f"  {r['name']:28s} {r['epoch_s']:.3f} s  {r['overhead_pct']:+.1f} %   end of fit {r['end_of_fit_s']:.2f} s"
+            for r in data["runs"]
+        ]
+    return "\n".join(lines)
+
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,7 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-epochs", type=int, default=18)
     parser.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--only", nargs="*", choices=["training", "update", "memory"], default=None)
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch intra-op threads (default: torch's); 1 gives stable timings on a shared, oversubscribed machine",
+    )
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.memory_child is not None:
         memory_child(args)
         return 0
@@ -361,13 +394,13 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads()}
     if "update" in only:
         results["update"] = bench_update(args)
-        print(json.dumps(results["update"], indent=1), flush=True)
+        print(summary("update", results["update"]), flush=True)
     if "memory" in only:
         results["memory"] = bench_memory(args)
-        print(json.dumps(results["memory"], indent=1), flush=True)
+        print(summary("memory", results["memory"]), flush=True)
     if "training" in only:
         results["training"] = bench_training(args)
-        print(json.dumps(results["training"], indent=1), flush=True)
+        print(summary("training", results["training"]), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -83,6 +83,7 @@ class _SnapshotStore:
         self._on_disk: set[str] = set()
         self._staging: list[Tensor] | None = None  # mode "disk": host copy being written by the worker
         self._staging_read: Any = None  # CUDA event: the last upload from the staging buffers is done
+        self._spare: list[Tensor] | None = None  # CPU device: the evicted snapshot's buffers, reused as staging
         self._pending: concurrent.futures.Future[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-snapshots")
         self._lock = threading.Lock()
@@ -169,7 +170,8 @@ class _SnapshotStore:
             return
         self.flush()  # the worker may still be reading the staging buffers
         with self._lock:
-            staging = self._staging
+            staging = self._staging if self._staging is not None else self._spare
+        self._spare = None
         self._staging = self._host_copy(tensors, into=staging)
         event = self._record_event()
         state = dict(zip(self.keys, self._staging))
@@ -202,7 +204,11 @@ class _SnapshotStore:
             self.flush()
             state = storage.load_state_dict(self.directory / name)
             floats = [state[k] for k in self.float_keys]
-            if self._pin:
+            if not self._pin:
+                # Fresh host tensors shaped like a snapshot: once added, they become the next staging buffers, so a
+                # CPU device allocates (and page-faults) one snapshot per update, not two.
+                self._spare = [state[k] for k in self.keys]
+            else:
                 # Through the pinned staging buffers, so that the host-to-device copy below is asynchronous: a
                 # copy from pageable memory would block the host until the device caught up.
                 if self._staging is None:
@@ -274,7 +280,7 @@ class _SnapshotStore:
             self.sums = []
             self._ram.clear()
             self._ready.clear()
-            self._staging = None
+            self._staging = self._spare = None
 
 
 class _CheckpointAveraging(_base.SoupCallback):
