@@ -193,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+        p = sub.add_parser(name, help=help, description=description, formatter_class=_Formatter)
+        p.set_defaults(_parser=p)  # for usage errors found after parsing
+        return p
 
     p = command("average", "(weighted) mean of the inputs", "The elementwise mean Σ wᵢθᵢ / Σ wᵢ of the inputs (uniform by default).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="two or more checkpoints")
@@ -283,9 +285,9 @@ def _version() -> str:
     return __version__
 
 
-def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_usage(args: argparse.Namespace) -> None:
     """Usage errors argparse cannot express (exit status 2)."""
-    sub = parser._subparsers._group_actions[0].choices[args.command]  # type: ignore[union-attr]
+    sub: argparse.ArgumentParser = args._parser
     output = getattr(args, "output", None)
     if output is not None:
         if args.shard_size is None and not output.endswith(".safetensors"):
@@ -302,11 +304,24 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``lightning-soup`` with ``argv`` (default: ``sys.argv[1:]``) and return the exit status."""
+    """Run ``lightning-soup`` with ``argv`` (default: ``sys.argv[1:]``); the console script's entry point.
+
+    Args:
+        argv: the command line after the program name.
+
+    Returns:
+        The exit status: 0 on success, 1 when the inputs cannot be merged (a :class:`SoupError` or an I/O error,
+        reported as one line on stderr), 2 for a usage error, 130 when interrupted.
+
+    Example:
+        >>> main(["--version"])
+        lightning-soup 0.1.0
+        0
+    """
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        _check_usage(parser, args)
+        _check_usage(args)
     except SystemExit as e:  # argparse already printed the usage error or the help
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 2)
     try:
