@@ -38,7 +38,10 @@ def _fake_trainer(strategy: object, rank: int = 0) -> SimpleNamespace:
 
 def test_check_strategy_accepts_supported(flavour: SimpleNamespace) -> None:
     s = flavour.pl.strategies
-    for strategy in (s.SingleDeviceStrategy("cpu"), s.DDPStrategy(), s.DDPStrategy(start_method="spawn"), s.ModelParallelStrategy()):
+    supported = [
+        s.SingleDeviceStrategy("cpu"), s.DDPStrategy(), s.DDPStrategy(start_method="spawn"), s.ModelParallelStrategy()
+    ]
+    for strategy in supported:
         _base.check_strategy(_fake_trainer(strategy))
 
 
@@ -140,7 +143,7 @@ def test_fsdp2_shard_local_plumbing(tmp_path: Path) -> None:
             else:
                 torch.testing.assert_close(v.double(), expected[k], rtol=1e-6, atol=1e-6)
         fwd = load_file(tmp_path / f"forward_rank{rank}.safetensors")
-        reference = _sequential_forward({k: v.double() if v.is_floating_point() else v for k, v in after.items()}, fwd["x"])
+        reference = _sequential_forward(_floats64(after), fwd["x"])
         torch.testing.assert_close(fwd["y"].double(), reference, rtol=1e-5, atol=1e-5)
 
         # Writes into shard tensors taken before an evaluation forward: without a reshard the next forward still
@@ -160,7 +163,9 @@ def _assert_state_close(actual: dict[str, torch.Tensor], expected: dict[str, tor
     assert actual.keys() == expected.keys(), what
     for k in expected:
         if expected[k].is_floating_point():
-            torch.testing.assert_close(actual[k].double(), expected[k].double(), rtol=1e-6, atol=1e-6, msg=f"{what}: {k}")
+            torch.testing.assert_close(
+                actual[k].double(), expected[k].double(), rtol=1e-6, atol=1e-6, msg=f"{what}: {k}"
+            )
         else:
             assert torch.equal(actual[k], expected[k]), f"{what}: {k}"
 
@@ -179,7 +184,8 @@ def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
     # No rank gathered or scattered weights between on_train_start and on_train_end. The only floating
     # broadcasts are rank zero's BatchNorm statistics (2 x 16 values) before each of the 3 validate_average runs.
     for rank, r in enumerate(ranks):
-        assert r["gathers_during_training"] == {}, f"rank {rank} moved whole weights during training: {r['gathers_during_training']}"
+        moved = r["gathers_during_training"]
+        assert moved == {}, f"rank {rank} moved whole weights during training: {moved}"
         assert sum(r["broadcast_numel_during_training"]) <= 3 * 2 * 16, r["broadcast_numel_during_training"]
 
     # State kept during training is shard-local: every per-rank file holds this rank's rows of the uneven layer.
@@ -200,7 +206,9 @@ def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
     _assert_state_close(load_file(soup_dir / "anchor.safetensors"), capture["initial"], "anchor")
 
     # CheckpointAveraging(window=2): the float64 mean of the last two epoch snapshots, integers from the newest.
-    expected_avg = {k: (epochs[1][k].double() + epochs[2][k].double()) / 2 if k in floats else epochs[2][k] for k in epochs[2]}
+    expected_avg = {
+        k: (epochs[1][k].double() + epochs[2][k].double()) / 2 if k in floats else epochs[2][k] for k in epochs[2]
+    }
     _assert_state_close(load_file(soup_dir / "average.safetensors"), expected_avg, "average")
 
     # Every candidate is scored on exactly its own weights, with rank zero's buffers: its val/loss is the float64
@@ -248,10 +256,14 @@ def test_fsdp2_callbacks_on_sharded_weights(tmp_path: Path) -> None:
     initial = _floats64(capture["initial"])
 
     def blend_of(ratio: float) -> dict[str, torch.Tensor]:
-        return {k: initial[k] + ratio * (expected_soup[k] - initial[k]) if k in floats else expected_soup[k] for k in expected_soup}
+        return {
+            k: initial[k] + ratio * (expected_soup[k] - initial[k]) if k in floats else expected_soup[k]
+            for k in expected_soup
+        }
 
     result = ranks[0]["blend"]
-    assert {k: v for k, v in result.items() if k != "anchor"} == {k: v for k, v in ranks[1]["blend"].items() if k != "anchor"}
+    other = ranks[1]["blend"]
+    assert {k: v for k, v in result.items() if k != "anchor"} == {k: v for k, v in other.items() if k != "anchor"}
     losses = [val_loss(blend_of(c["ratio"])) for c in result["candidates"]]
     assert [c["metrics"]["val/loss"] for c in result["candidates"]] == pytest.approx(losses, abs=2e-5)
     assert result["ratio"] == result["candidates"][min(range(len(losses)), key=losses.__getitem__)]["ratio"]
@@ -275,7 +287,10 @@ def test_fsdp2_crash_and_resume(tmp_path: Path) -> None:
     floats = [k for k, v in epochs[0].items() if v.is_floating_point()]
 
     def mean_of(members: list[int], ints_from: int) -> dict[str, torch.Tensor]:
-        return {k: sum(epochs[e][k] for e in members) / len(members) if k in floats else epochs[ints_from][k] for k in epochs[0]}
+        return {
+            k: sum(epochs[e][k] for e in members) / len(members) if k in floats else epochs[ints_from][k]
+            for k in epochs[0]
+        }
 
     # The window spans the crash: epoch 1 from the first fit, epochs 2 and 3 from the resumed one.
     _assert_state_close(load_file(soup_dir / "average.safetensors"), mean_of([1, 2, 3], 3), "average")
@@ -352,7 +367,10 @@ def test_checkpoint_resumes_in_the_other_lightning_package(tmp_path: Path, first
 
     from _models import make_model, trainer_kwargs
 
-    packages = {"pytorch_lightning": ("pytorch_lightning", "lightning_soup"), "lightning": ("lightning.pytorch", "lightning_soup.lightning")}
+    packages = {
+        "pytorch_lightning": ("pytorch_lightning", "lightning_soup"),
+        "lightning": ("lightning.pytorch", "lightning_soup.lightning"),
+    }
     captured: dict[int | str, dict[str, torch.Tensor]] = {}
     scores: dict[int, float] = {}
 
@@ -382,7 +400,8 @@ def test_checkpoint_resumes_in_the_other_lightning_package(tmp_path: Path, first
             pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=True),
         ]
         model = make_model(pl, seed=0)
-        trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=callbacks))
+        kwargs = trainer_kwargs(tmp_path, max_epochs=max_epochs, enable_checkpointing=True, callbacks=callbacks)
+        trainer = pl.Trainer(**kwargs)
         if stop_at_epoch is None:
             trainer.fit(model, ckpt_path=ckpt_path)
         else:
@@ -398,7 +417,9 @@ def test_checkpoint_resumes_in_the_other_lightning_package(tmp_path: Path, first
     soup_dir = tmp_path / "soup"
     floats = [k for k, v in captured[0].items() if v.is_floating_point()]
     # The averaging window spans the interruption: epochs 1 (first package), 2 and 3 (second package).
-    expected_avg = {k: sum(captured[e][k].double() for e in (1, 2, 3)) / 3 if k in floats else captured[3][k] for k in captured[3]}
+    expected_avg = {
+        k: sum(captured[e][k].double() for e in (1, 2, 3)) / 3 if k in floats else captured[3][k] for k in captured[3]
+    }
     _assert_state_close(load_file(soup_dir / "average.safetensors"), expected_avg, "average")
     # The soup's ingredients include those taken before the interruption.
     recipe = callbacks[3].recipe

@@ -287,13 +287,9 @@ def read_local_shards(
                 reader = stack.enter_context(storage.open_state_dict(path))
                 meta = reader.meta()
                 bad = [k for k in keys if k not in meta or tuple(meta[k].shape) != tuple(state[k].shape)]
-                specs = (
-                    {k: meta[k].dtype for k in keys}
-                    if not bad
-                    else "; ".join(
-                        f"`{k}`: " + ("missing" if k not in meta else f"{tuple(meta[k].shape)} vs module {tuple(state[k].shape)}")
-                        for k in bad
-                    )
+                found = {k: "missing" if k not in meta else f"{tuple(meta[k].shape)}" for k in bad}
+                specs = {k: meta[k].dtype for k in keys} if not bad else "; ".join(
+                    f"`{k}`: {found[k]} vs module {tuple(state[k].shape)}" for k in bad
                 )
             except SoupError as e:
                 specs = str(e)
@@ -351,7 +347,11 @@ def load_into_module_(pl_module: Any, state: Mapping[str, Tensor]) -> None:
             f"These weights do not fit the module: missing keys {missing or 'none'}, unexpected keys "
             f"{unexpected or 'none'}. Were they saved from a different model?"
         )
-    bad = [f"`{k}`: {tuple(state[k].shape)} vs module {tuple(v.shape)}" for k, v in live.items() if state[k].shape != v.shape]
+    bad = [
+        f"`{k}`: {tuple(state[k].shape)} vs module {tuple(v.shape)}"
+        for k, v in live.items()
+        if state[k].shape != v.shape
+    ]
     if bad:
         hint = (
             " The module is sharded, so these are this rank's local shards: per-rank files only fit a run with the "

@@ -16,7 +16,10 @@ from torch import nn
 
 from _models import tiny_classifier_class
 
-FLAVOURS = {"pytorch_lightning": ("pytorch_lightning", "lightning_soup"), "lightning": ("lightning.pytorch", "lightning_soup.lightning")}
+FLAVOURS = {
+    "pytorch_lightning": ("pytorch_lightning", "lightning_soup"),
+    "lightning": ("lightning.pytorch", "lightning_soup.lightning"),
+}
 
 
 def out_dir() -> Path:

@@ -13,7 +13,15 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from _common import flavour, full_state, model_parallel_strategy, out_dir, sharded_classifier_class, trainer_kwargs, write_result
+from _common import (
+    flavour,
+    full_state,
+    model_parallel_strategy,
+    out_dir,
+    sharded_classifier_class,
+    trainer_kwargs,
+    write_result,
+)
 from lightning_soup.callbacks import _base
 
 pl, soup = flavour(sys.argv[1])
@@ -46,7 +54,9 @@ class Probe(pl.Callback):
         before = full_state(pl_module)
         save_file(before, str(OUT / f"before_rank{rank}.safetensors"))
         result["local_shard_matches"] = all(
-            torch.equal(_base.local_shard(before[k], state[k]), live[k].cpu()) for k in state if _base._is_dtensor(state[k])
+            torch.equal(_base.local_shard(before[k], state[k]), live[k].cpu())
+            for k in state
+            if _base._is_dtensor(state[k])
         )
 
         # The gather-one-tensor-at-a-time writer (rank zero writes) and the rank-zero reader that scatters shards.
@@ -60,7 +70,10 @@ class Probe(pl.Callback):
 
         # New weights, the same on every rank, written shard-locally; buffers stay each rank's own until broadcast.
         new = {k: v * 0.5 + 0.1 if v.is_floating_point() else v for k, v in before.items()}
-        local_new = {k: _base.local_shard(new[k], state[k]).clone() if _base._is_dtensor(state[k]) else live[k].clone() for k in state}
+        local_new = {
+            k: _base.local_shard(new[k], state[k]).clone() if _base._is_dtensor(state[k]) else live[k].clone()
+            for k in state
+        }
         _base.load_into_module_(pl_module, local_new)
         buffers = [k for k in state if not _base._is_dtensor(state[k])]
         result["buffers_differ_before_broadcast"] = any(not torch.equal(zero[k], before[k]) for k in buffers)

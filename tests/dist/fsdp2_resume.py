@@ -13,7 +13,15 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from _common import flavour, full_state, model_parallel_strategy, out_dir, sharded_classifier_class, trainer_kwargs, write_result
+from _common import (
+    flavour,
+    full_state,
+    model_parallel_strategy,
+    out_dir,
+    sharded_classifier_class,
+    trainer_kwargs,
+    write_result,
+)
 
 pl, soup = flavour(sys.argv[1])
 OUT = out_dir()
