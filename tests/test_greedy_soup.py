@@ -357,9 +357,11 @@ def resumable_model(pl: Any, seed: int = 0) -> Any:
 
 
 @pytest.mark.slow
-def test_resume_equals_uninterrupted_run(flavour: SimpleNamespace, tmp_path: Path) -> None:
+@pytest.mark.parametrize("online", [False, True], ids=["offline", "online"])
+def test_resume_equals_uninterrupted_run(flavour: SimpleNamespace, tmp_path: Path, online: bool) -> None:
     pl = flavour.pl
-    soup_kwargs = {"mode": "min", "max_ingredients": 3, "verbose": False}
+    soup_kwargs: dict[str, Any] = {"mode": "min", "verbose": False}
+    soup_kwargs.update({"online": True} if online else {"max_ingredients": 3})
     whole = fit(flavour, tmp_path / "whole", soup_kwargs=soup_kwargs, model=resumable_model(pl), max_epochs=4)
 
     ckpt = pl.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, save_top_k=-1)
@@ -485,8 +487,8 @@ def test_ddp_soup_equals_reference_on_every_rank(tmp_path: Path, name: str) -> N
     assert len(zero["scores"]) == 4 and zero["scores"] == one["scores"]
     assert zero["recipe"] == one["recipe"]  # the same decisions everywhere
     recipe = zero["recipe"]
-    accepted = [(i["epoch"]) for i in recipe["ingredients"] if i["accepted"]]
-    assert accepted == [zero["members"][k] for k in range(len(zero["members"]))]  # epoch i is ingredient i
+    accepted = [i["epoch"] for i in recipe["ingredients"] if i["accepted"]]
+    assert accepted == zero["members"]  # epoch i is ingredient i
     assert [i["soup_score"] for i in recipe["ingredients"]] == pytest.approx(zero["trace"], abs=1e-6)
 
     soup_file = load_file(str(tmp_path / "soup" / "soup.safetensors"))
@@ -504,3 +506,22 @@ def test_ddp_soup_equals_reference_on_every_rank(tmp_path: Path, name: str) -> N
     ]
     n_keys = len(soup_file)
     assert len(zero["reads"]) == 4 * n_keys and set(zero["reads"].values()) == {1}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ddp_online_soup_equals_reference_on_every_rank(tmp_path: Path) -> None:
+    from _launch import launch
+
+    zero, one = launch("greedy_soup_ddp.py", tmp_path, "pytorch_lightning", "online", nprocs=2, timeout=360)
+    assert zero["recipe"] == one["recipe"]
+    recipe = zero["recipe"]
+    assert [i["soup_score"] for i in recipe["ingredients"]] == pytest.approx(zero["trace"], abs=1e-6)
+    soup_file = load_file(str(tmp_path / "soup" / "soup.safetensors"))
+    assert_close_states(soup_file, load_file(str(tmp_path / "reference.safetensors")))
+    module0 = load_file(str(tmp_path / "module_rank0.safetensors"))
+    assert_equal_states(module0, load_file(str(tmp_path / "module_rank1.safetensors")))
+    assert_equal_states(module0, soup_file)
+    assert one["opened"] == [] and one["commits"] == []  # rank zero alone keeps the running sum
+    assert not (tmp_path / "soup" / "ingredients").exists()

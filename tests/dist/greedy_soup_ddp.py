@@ -4,7 +4,9 @@ Every rank records its own weights and ``val/loss`` at each validation; file ope
 are counted per rank. After fit, every rank recomputes the greedy soup from rank zero's recorded ingredients in
 float64, scoring each candidate with ``trainer.validate`` (rank zero's value, as GreedySoup decides). Rank zero
 writes the reference soup; every rank writes its module's final weights and what it counted.
-Usage: greedy_soup_ddp.py <flavour>
+With ``online`` the soup is built during training (``GreedySoup(online=True)``) and the reference follows the
+online rule in training order.
+Usage: greedy_soup_ddp.py <flavour> [online]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from lightning_soup import storage
 from lightning_soup._storage import _read
 
 pl, soup = flavour(sys.argv[1])
+ONLINE = sys.argv[2:] == ["online"]
 OUT = out_dir()
 SOUP_DIR = OUT / "soup"
 counting = {"on": True}
@@ -78,7 +81,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = tiny_classifier_class(pl)(lr=0.3)
     capture = Capture()
-    greedy = soup.GreedySoup(monitor="val/loss", mode="min", dirpath=str(SOUP_DIR))
+    greedy = soup.GreedySoup(monitor="val/loss", mode="min", dirpath=str(SOUP_DIR), online=ONLINE)
     trainer = pl.Trainer(
         **trainer_kwargs(OUT, devices=2, strategy="ddp", max_epochs=4, num_sanity_val_steps=1),
         callbacks=[capture, greedy],
@@ -97,13 +100,23 @@ def main() -> None:
         model.load_state_dict(state)
         return float(trainer.strategy.broadcast(trainer.validate(model, verbose=False)[0]["val/loss"]))
 
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    members, soup_score, trace = [order[0]], scores[order[0]], [scores[order[0]]]
-    for i in order[1:]:
-        candidate = validate(mean64([ingredients[j] for j in [*members, i]]))
-        if candidate <= soup_score:
-            members, soup_score = [*members, i], candidate
-        trace.append(soup_score)
+    if ONLINE:  # training order; join if not worse than soup and newcomer, restart if the newcomer alone is better
+        members, soup_score, trace = [0], scores[0], [scores[0]]
+        for i in range(1, len(scores)):
+            candidate = validate(mean64([ingredients[j] for j in [*members, i]]))
+            if candidate <= soup_score and candidate <= scores[i]:
+                members, soup_score = [*members, i], candidate
+            elif scores[i] < soup_score:
+                members, soup_score = [i], scores[i]
+            trace.append(soup_score)
+    else:
+        order = sorted(range(len(scores)), key=lambda i: scores[i])
+        members, soup_score, trace = [order[0]], scores[order[0]], [scores[order[0]]]
+        for i in order[1:]:
+            candidate = validate(mean64([ingredients[j] for j in [*members, i]]))
+            if candidate <= soup_score:
+                members, soup_score = [*members, i], candidate
+            trace.append(soup_score)
     if rank == 0:
         save_file(mean64([ingredients[j] for j in members]), str(OUT / "reference.safetensors"))
     write_result(
