@@ -106,9 +106,22 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------------------------- crash and resume
 
 
+# Killed after the last checkpoint (ModelCheckpoint saves in the last epoch's `on_train_epoch_end`, before
+# `on_train_end`), a run resumes from a checkpoint whose fit loop is finished: Lightning skips the loop and with it
+# `on_train_start`/`on_train_end`, so the soup and the blend are never built, and nothing says so. Reported.
+AFTER_LAST_CHECKPOINT = pytest.mark.xfail(
+    strict=True,
+    reason="resuming a run killed after its last checkpoint: Lightning skips the finished fit loop, so the "
+    "callbacks' on_train_end never runs and soup/blended are not written (needs an on_fit_end fallback)",
+)
+CRASH_POINTS = [
+    pytest.param(p, marks=AFTER_LAST_CHECKPOINT) if p.startswith("end_") else p for p in soup_worker.KILL_POINTS
+]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("point", soup_worker.KILL_POINTS)
+@pytest.mark.parametrize("point", CRASH_POINTS)
 def test_sigkill_then_resume_equals_uninterrupted(baseline: Path, tmp_path: Path, point: str) -> None:
     run_killed(tmp_path, kill_at=point)
     assert last_ckpt(tmp_path).is_file()
@@ -119,6 +132,54 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline: Path, tmp_path: Path
     initial = initial_weights()
     assert anchor.keys() == initial.keys()
     assert all(torch.equal(anchor[k], initial[k]) for k in initial)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_fresh_interpreter_resumes_like_the_rest(baseline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker as a plain script in a new interpreter (no fork): killed there, resumed in a forked child."""
+    monkeypatch.setenv("SOUP_CRASH_SPAWN", "1")
+    run_killed(tmp_path, kill_at="validation")
+    monkeypatch.delenv("SOUP_CRASH_SPAWN")
+    run_ok(tmp_path, resume=True)
+    assert_equals_uninterrupted(tmp_path, baseline)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_lightning_flavour_resumes_to_the_same_files(baseline: Path, tmp_path: Path) -> None:
+    """`lightning.pytorch` and `pytorch_lightning` runs of the same seed give the same files, killed or not."""
+    run_killed(tmp_path, kill_at="mid_epoch", flavour="lightning")
+    run_ok(tmp_path, resume=True, flavour="lightning")
+    assert_equals_uninterrupted(tmp_path, baseline)
+
+
+def callback_state(ckpt: Path, name: str) -> dict[str, Any]:
+    states = torch.load(ckpt, weights_only=True)["callbacks"]
+    return next(v for k, v in states.items() if k.startswith(name + "{"))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["snapshot", "ingredient", "anchor"])
+def test_resume_with_a_missing_state_file_names_it(baseline: Path, tmp_path: Path, kind: str) -> None:
+    shutil.copytree(baseline / "root", tmp_path / "root")
+    ckpt = last_ckpt(tmp_path)
+    if kind == "snapshot":
+        name = "snapshots/" + callback_state(ckpt, "CheckpointAveraging")["records"][0]["file"]
+    elif kind == "ingredient":
+        name = next(e["file"] for e in callback_state(ckpt, "GreedySoup")["entries"] if e["status"] == "kept")
+    else:
+        assert callback_state(ckpt, "TaskArithmeticBlend")["anchor_saved"] is True
+        name = "anchor.safetensors"
+    (soup_dir(tmp_path) / name).unlink()
+    # One more epoch than the checkpoint's run, so that training would resume (a finished loop is skipped).
+    code, log = run_child(tmp_path, resume=True, max_epochs=soup_worker.MAX_EPOCHS + 1)
+    text = tail(log)
+    assert code == 1, text
+    error = next(line for line in text.splitlines() if "SoupError:" in line)
+    assert Path(name).name in error, error
+    assert "Restore" in error or "restore" in error, error  # what to do
+    assert not (tmp_path / "result.json").exists()
 
 
 def test_uninterrupted_run_keeps_the_trained_weights(baseline: Path) -> None:
@@ -277,8 +338,11 @@ def test_full_disk_is_a_clear_error_and_corrupts_nothing(
     previous = {p: write_marker(dirpath / p) for p in {target, "final.safetensors"}}
     enospc_for(monkeypatch, final)
     kw = trainer_kwargs(tmp_path, max_epochs=2, limit_train_batches=2, limit_val_batches=1)
+    model = make_model(pl)
     with pytest.raises(SoupError, match="disk is full") as info:
-        pl.Trainer(callbacks=[cb], **kw).fit(make_model(pl))
+        pl.Trainer(callbacks=[cb], **kw).fit(model)
+    if target == "anchor.pending.safetensors":
+        assert model.training_steps == 0  # the initial weights are saved before training starts
     assert str(final) in str(info.value)
     assert "Free some space" in str(info.value)
     for name, digest in previous.items():

@@ -52,7 +52,26 @@ def run_child(out: Path, *, timeout: float = 240.0, **kwargs: Any) -> tuple[int,
     return _fork(out, log, timeout, **kwargs), log
 
 
+def _warm_imports(flavour: str) -> None:
+    """Import in the parent what every child would otherwise import again: Lightning, the callbacks, the plots."""
+    import importlib
+
+    from tests.crash.soup_worker import FLAVOURS
+
+    for name in FLAVOURS[flavour]:
+        importlib.import_module(name)
+    try:
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+    except ImportError:
+        pass
+    import lightning_soup.callbacks._report  # noqa: F401
+    import rich.console  # noqa: F401
+    import rich.table  # noqa: F401
+
+
 def _fork(out: Path, log: Path, timeout: float, **kwargs: Any) -> int:
+    _warm_imports(kwargs.get("flavour", "pytorch_lightning"))
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
