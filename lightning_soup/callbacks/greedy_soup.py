@@ -382,7 +382,9 @@ class _GreedySoup(_base.SoupCallback):
                 source.close()
         _base.load_into_module_(pl_module, soup)
         del soup
-        _base.broadcast_module_(trainer, pl_module)  # sharded: rank zero's buffers (FSDP2 does not sync them)
+        # Every rank computed the same soup; rank zero's copy settles any last-bit difference between hosts, and
+        # under FSDP2 gives every rank rank zero's buffers (FSDP2 does not synchronise them).
+        _base.broadcast_module_(trainer, pl_module)
         tried = []
         for step in recipe:
             entry = kept[step["index"]]
