@@ -1,0 +1,380 @@
+"""Catastrophic forgetting on handwritten digits, and what averaging, soups and blending do about it.
+
+A small MLP learns digits 0–4 (the "base" capability) and is then fine-tuned on digits 5–9 only, through the same
+10-way head; the fine-tune forgets the old digits. One ``Trainer`` runs the fine-tune with the three
+``lightning_soup`` callbacks:
+
+* ``CheckpointAveraging``: the mean of the last N epoch-end weights (LAWA, Kaddour 2022);
+* ``GreedySoup``: Wortsman et al.'s (2022) greedy soup over the epoch-end weights, scored on new-digit validation;
+* ``TaskArithmeticBlend(anchor="initial")``: ``base + r·(soup − base)`` (WiSE-FT, Wortsman et al. 2022), with ``r``
+  the best new-digit validation accuracy among the ratios that keep ``--keep-old`` of the base's old-digit accuracy.
+
+Data: scikit-learn's bundled 8×8 digits (no download), each task split 50/25/25 into train/val/test (stratified,
+seeded). The callbacks and every choice (best epoch, soup recipe, blend ratio) see only the validation split. The
+table reports the test split, computed here from the files the callbacks wrote; each verdict compares two rows with
+an exact McNemar test on the same test images, so a difference of a digit or two is called what it is: noise.
+
+Run ``python examples/forgetting_digits.py`` (``make demo``); ``--help`` lists the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from rich.console import Console
+from rich.table import Table
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_soup import CheckpointAveraging, GreedySoup, TaskArithmeticBlend
+
+OLD_DIGITS = (0, 1, 2, 3, 4)
+NEW_DIGITS = (5, 6, 7, 8, 9)
+TASKS = ("old", "new")
+ROWS = ("base", "last", "best", "average", "soup", "blended")
+BLEND_RATIOS = [i / 20 for i in range(21)]  # 0, 0.05, ..., 1
+SIGNIFICANCE = 0.05  # McNemar p-value below which a verdict says "helps"/"hurts"
+
+# --quick is for tests: a few seconds, not a good model.
+SIZES = {
+    "default": {"base_epochs": 10, "epochs": 10, "hidden": 128},
+    "quick": {"base_epochs": 4, "epochs": 4, "hidden": 64},
+}
+
+
+# ------------------------------------------------------------------------------------------------------------- data
+def load_splits(seed: int = 0) -> dict[str, TensorDataset]:
+    """Digits 0–4 ("old") and 5–9 ("new"), each split 50/25/25 into train/val/test, stratified by digit.
+
+    Returns:
+        ``{"old_train", "old_val", "old_test", "new_train", "new_val", "new_test"}`` → ``TensorDataset(x, y)``,
+        ``x`` float32 ``(n, 64)`` pixel intensities in [0, 1], ``y`` int64 digit labels 0–9.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    images, labels = load_digits(return_X_y=True)  # (1797, 64) in 0..16, (1797,)
+    x = torch.tensor(images / 16.0, dtype=torch.float32)
+    y = torch.tensor(labels, dtype=torch.int64)
+    splits: dict[str, TensorDataset] = {}
+    for task, digits in (("old", OLD_DIGITS), ("new", NEW_DIGITS)):
+        index = torch.isin(y, torch.tensor(digits)).nonzero().squeeze(1).numpy()
+        train, rest = train_test_split(index, train_size=0.5, stratify=labels[index], random_state=seed)
+        val, test = train_test_split(rest, train_size=0.5, stratify=labels[rest], random_state=seed)
+        for name, part in (("train", train), ("val", val), ("test", test)):
+            rows = torch.as_tensor(sorted(part))
+            splits[f"{task}_{name}"] = TensorDataset(x[rows], y[rows])
+    return splits
+
+
+def loader(dataset: TensorDataset, batch_size: int, *, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+# ------------------------------------------------------------------------------------------------------------ model
+class DigitsMLP(pl.LightningModule):
+    """64 → hidden → hidden → 10 MLP with BatchNorm; one head shared by both tasks.
+
+    Validation logs ``val/<task>_acc`` and ``val/<task>_loss`` for every validation dataloader, named by
+    ``val_tasks`` in order (with ``add_dataloader_idx=False``, so the names carry no ``/dataloader_idx_N``).
+
+    Args:
+        hidden: width of the two hidden layers.
+        lr: SGD learning rate (momentum 0.9, constant).
+        val_tasks: the task name of each validation dataloader.
+    """
+
+    def __init__(self, hidden: int = 128, lr: float = 0.05, val_tasks: Sequence[str] = ("old",)) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.val_tasks = tuple(val_tasks)
+        self.net = nn.Sequential(
+            nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
+            nn.Linear(hidden, 10),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)  # (n, 64) → (n, 10) logits
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train/loss", loss)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        x, y = batch
+        logits = self(x)
+        task = self.val_tasks[dataloader_idx]
+        # Epoch values are batch-size-weighted means: exactly the accuracy over the whole split.
+        self.log(f"val/{task}_acc", (logits.argmax(1) == y).float().mean(), add_dataloader_idx=False, prog_bar=True)
+        self.log(f"val/{task}_loss", nn.functional.cross_entropy(logits, y), add_dataloader_idx=False)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+
+
+class BestEpoch(pl.Callback):
+    """Keeps the weights of the best training epoch by ``monitor`` (the first on ties), in memory.
+
+    It keeps what ``ModelCheckpoint(monitor=..., mode="max", save_top_k=1)`` would, without writing ``.ckpt`` files.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.score = -math.inf
+        self.epoch = -1
+        self.weights: dict[str, Tensor] = {}
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        score = float(trainer.callback_metrics[self.monitor])  # this epoch's validation ran before this hook
+        if score > self.score:
+            self.score, self.epoch = score, trainer.current_epoch
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in pl_module.state_dict().items()}
+
+
+def make_trainer(out: Path, epochs: int, callbacks: Sequence[pl.Callback] = (), *, progress: bool) -> pl.Trainer:
+    extra: list[pl.Callback] = []
+    if progress:
+        from pytorch_lightning.callbacks import RichProgressBar
+
+        extra.append(RichProgressBar())
+    return pl.Trainer(
+        default_root_dir=str(out),
+        accelerator="cpu",
+        devices=1,
+        max_epochs=epochs,
+        deterministic=True,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        num_sanity_val_steps=0,
+        log_every_n_steps=10,
+        callbacks=[*callbacks, *extra],
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def test_predictions(
+    weights: Mapping[str, Tensor], splits: Mapping[str, TensorDataset], hidden: int
+) -> dict[str, Tensor]:
+    """Per test image, whether ``weights`` classify it right (eval mode: BatchNorm running statistics)."""
+    model = DigitsMLP(hidden=hidden)
+    model.load_state_dict(weights)
+    model.eval()
+    hits = {}
+    for task in TASKS:
+        x, y = splits[f"{task}_test"].tensors
+        hits[task] = model(x).argmax(1) == y  # (n_task,) bool
+    return hits
+
+
+def accuracy_row(hits: Mapping[str, Tensor]) -> dict[str, float]:
+    row = {f"{task}_acc": hits[task].float().mean().item() for task in TASKS}
+    row["all_acc"] = torch.cat([hits[t] for t in TASKS]).float().mean().item()
+    return row
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value: images only one of two models gets right, tested against a fair coin."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def verdict(name: str, hits: Mapping[str, Tensor], ref_name: str, ref: Mapping[str, Tensor], on: str) -> str:
+    """One line comparing two rows' test predictions on the ``on`` images (``"new"`` or ``"all"``)."""
+    tasks = TASKS if on == "all" else (on,)
+    mine = torch.cat([hits[t] for t in tasks])
+    theirs = torch.cat([ref[t] for t in tasks])
+    gained, lost = int((mine & ~theirs).sum()), int((~mine & theirs).sum())
+    p = mcnemar_p(gained, lost)
+    word = "no significant difference" if p >= SIGNIFICANCE else ("helps" if gained > lost else "hurts")
+    points = {t: 100 * (hits[t].float().mean() - ref[t].float().mean()).item() for t in TASKS}
+    return (
+        f"{name} vs {ref_name}: {word} on {'all' if on == 'all' else 'new'} digits "
+        f"({gained} test images gained, {lost} lost, McNemar p={p:.2g}); "
+        f"old {points['old']:+.1f} pts, new {points['new']:+.1f} pts"
+    )
+
+
+def render_table(rows: Mapping[str, Mapping[str, Any]], title: str) -> Table:
+    """The results as a rich table; the best value of each accuracy column in bold."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("method")
+    table.add_column("weights")
+    columns = (("old_acc", "old digits 0–4"), ("new_acc", "new digits 5–9"), ("all_acc", "all digits"))
+    for _, header in columns:
+        table.add_column(f"{header}\ntest acc", justify="right")
+    best = {key: max(r[key] for r in rows.values()) for key, _ in columns}
+    for name, row in rows.items():
+        cells = [f"[bold]{row[k]:.3f}[/]" if row[k] == best[k] else f"{row[k]:.3f}" for k, _ in columns]
+        table.add_row(name, row["detail"], *cells)
+    return table
+
+
+def soup_detail(recipe: Mapping[str, Any]) -> str:
+    """``"mean of epochs 6+9 (greedy, of 10)"`` from ``soup.json``."""
+    members = sorted(i["epoch"] for i in recipe["ingredients"] if i["accepted"])
+    return f"mean of epochs {'+'.join(map(str, members))} (greedy, of {len(recipe['ingredients'])})"
+
+
+def blend_detail(report: Mapping[str, Any]) -> str:
+    """``"base + 0.4·(soup − base)"`` from ``blend.json``, flagged when no ratio met the constraint."""
+    text = f"base + {report['ratio']:g}·(soup − base)"
+    return text if report["constraint_met"] is not False else f"{text}, constraint NOT met"
+
+
+# -------------------------------------------------------------------------------------------------------------- main
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("out/forgetting_digits"), help="output folder")
+    parser.add_argument("--epochs", type=int, default=None, help="fine-tune epochs (10; 4 with --quick)")
+    parser.add_argument("--base-epochs", type=int, default=None, help="pretraining epochs (10; 4 with --quick)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=0.02, help="fine-tune learning rate (SGD, momentum 0.9)")
+    parser.add_argument("--batch-size", type=int, default=8, help="fine-tune batch size (small: noisy checkpoints)")
+    parser.add_argument("--new-train", type=int, default=None, help="fine-tune on only this many new-digit images")
+    parser.add_argument("--window", type=int, default=5, help="CheckpointAveraging window (last N epochs)")
+    parser.add_argument(
+        "--keep-old", type=float, default=0.9,
+        help="blend constraint: keep this fraction of the base's old-digit validation accuracy (default 0.9)",
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for tests")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    sizes = SIZES["quick" if args.quick else "default"]
+    args.epochs = args.epochs or sizes["epochs"]
+    args.base_epochs = args.base_epochs or sizes["base_epochs"]
+    args.hidden = sizes["hidden"]
+    return args
+
+
+def quiet_lightning() -> None:
+    """Keep the demo's output to the progress bar, the callbacks' summaries and the results."""
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+    for message in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the experiment, print the table and verdicts; returns what ``--json`` writes."""
+    args = parse_args(argv)
+    start = time.perf_counter()
+    # A tiny MLP gains nothing from intra-op threads, and on a busy machine OpenMP threads waiting for each other
+    # make every small op 10-100x slower. One thread also makes the numbers independent of the core count.
+    torch.set_num_threads(1)
+    quiet_lightning()
+    console = Console()
+    progress = not args.no_progress
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    splits = load_splits(args.seed)
+    if args.new_train:
+        x, y = splits["new_train"].tensors
+        keep = torch.randperm(len(y), generator=torch.Generator().manual_seed(args.seed))[: args.new_train]
+        splits["new_train"] = TensorDataset(x[keep], y[keep])
+
+    # 1. The base capability: digits 0–4.
+    console.rule(f"1/2  pretraining on digits 0–4: {len(splits['old_train'])} images, {args.base_epochs} epochs")
+    pl.seed_everything(args.seed, verbose=False)
+    base = DigitsMLP(hidden=args.hidden, lr=0.05, val_tasks=("old",))
+    pretrain = make_trainer(out, args.base_epochs, progress=progress)
+    pretrain.fit(base, loader(splits["old_train"], 32, shuffle=True, seed=args.seed), loader(splits["old_val"], 256))
+    base_val_old = float(pretrain.callback_metrics["val/old_acc"])  # validation of the final weights
+    save_file(base.state_dict(), str(out / "base.safetensors"))
+
+    # 2. Fine-tune on digits 5–9 with the three callbacks in one Trainer; validation sees both tasks.
+    threshold = math.floor(args.keep_old * base_val_old * 1000) / 1000
+    constraint = f"val/old_acc>={threshold:g}"
+    console.rule(
+        f"2/2  fine-tuning on digits 5–9: {len(splits['new_train'])} images, {args.epochs} epochs; blend constraint "
+        f"{constraint} ({args.keep_old:g} × the base's {base_val_old:.3f})"
+    )
+    pl.seed_everything(args.seed + 1, verbose=False)
+    model = DigitsMLP(hidden=args.hidden, lr=args.lr, val_tasks=("new", "old"))
+    model.load_state_dict(base.state_dict())
+    best = BestEpoch(monitor="val/new_acc")
+    callbacks = [
+        best,
+        CheckpointAveraging(window=args.window, dirpath=str(out)),
+        GreedySoup(monitor="val/new_acc", mode="max", dirpath=str(out)),
+        TaskArithmeticBlend(
+            anchor="initial", ratio=BLEND_RATIOS, monitor="val/new_acc", mode="max", constraint=constraint,
+            dirpath=str(out),
+        ),
+    ]  # fmt: skip
+    finetune = make_trainer(out, args.epochs, callbacks, progress=progress)
+    train = loader(splits["new_train"], args.batch_size, shuffle=True, seed=args.seed)
+    finetune.fit(model, train, [loader(splits["new_val"], 256), loader(splits["old_val"], 256)])
+    save_file(best.weights, str(out / "best.safetensors"))
+
+    # 3. Test accuracy of every file, computed here; the callbacks never saw the test split.
+    files = {
+        "base": ("base.safetensors", "pretrained on 0–4 (the blend's anchor)"),
+        "last": ("final.safetensors", f"fine-tune, epoch {args.epochs - 1} (last)"),
+        "best": ("best.safetensors", f"fine-tune, epoch {best.epoch} (best val new acc)"),
+        "average": ("average.safetensors", f"mean of the last {min(args.window, args.epochs)} epochs"),
+        "soup": ("soup.safetensors", soup_detail(json.loads((out / "soup.json").read_text()))),
+        "blended": ("blended.safetensors", blend_detail(json.loads((out / "blend.json").read_text()))),
+    }
+    hits, rows = {}, {}
+    for name, (file, detail) in files.items():
+        hits[name] = test_predictions(load_file(str(out / file)), splits, args.hidden)
+        rows[name] = {"file": file, "detail": detail, **accuracy_row(hits[name])}
+    verdicts = [
+        verdict("best checkpoint", hits["best"], "last", hits["last"], "new"),
+        verdict("average", hits["average"], "last", hits["last"], "new"),
+        verdict("greedy soup", hits["soup"], "best checkpoint", hits["best"], "new"),
+        verdict("blended", hits["blended"], "greedy soup", hits["soup"], "all"),
+    ]
+    wall = time.perf_counter() - start
+
+    n_test = {task: len(splits[f"{task}_test"]) for task in TASKS}
+    console.print()
+    title = f"Learning digits 5–9 after 0–4 (test split: {n_test['old']} old + {n_test['new']} new images)"
+    console.print(render_table(rows, title))
+    for line in verdicts:
+        console.print(f"  • {line}")
+    console.print(f"Weights, soup.json, blend.json and the ratio plot blend.png are in {out}/ ({wall:.1f} s)")
+
+    result = {
+        "command": " ".join(["python", "examples/forgetting_digits.py", *(sys.argv[1:] if argv is None else argv)]),
+        "seed": args.seed,
+        "epochs": args.epochs,
+        "base_epochs": args.base_epochs,
+        "out": str(out),
+        "n_test": n_test,
+        "constraint": constraint,
+        "rows": [{"method": name, **row} for name, row in rows.items()],
+        "verdicts": verdicts,
+        "wall_s": round(wall, 1),
+    }
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
