@@ -12,7 +12,8 @@ the script also reports the largest difference between their outputs.
 
 Each tool runs as a fresh process (``--repeat`` times, alternating; the fastest run is reported), measured from
 outside like benchmarks/bench_cli_memory.py: wall time, peak RssAnon (sampled) and peak RSS (``ru_maxrss``).
-"startup" is the wall time of a process that only imports what the tool imports; "merge" is wall − startup.
+"startup" is the wall time of a process that only imports what the tool imports ("extra MB": peak RssAnon above
+that process's).
 Our wall time includes hashing every input and the output (SHA-256 in the recipe); mergekit hashes nothing.
 
 Usage:
@@ -139,19 +140,23 @@ def ours_argv(method: str, models: list[Path], out: Path, density: float) -> lis
     return [*cli, "ties", "--base", str(models[0]), *map(str, models[1:]), "--density", str(density), "-o", str(out), "--quiet", "--force"]
 
 
-def compare_outputs(ours: Path, theirs: Path) -> float:
-    """The largest absolute difference between the two outputs (run in a child: loads both)."""
+def compare_outputs(ours: Path, theirs: Path) -> tuple[float, float]:
+    """The largest absolute difference between the two outputs and the fraction of elements that differ at all
+    (run in a child: loads both)."""
     code = textwrap.dedent(
         f"""
         import torch
         from lightning_soup.storage import load_state_dict
         a, b = load_state_dict({str(ours)!r}), load_state_dict({str(theirs)!r})
         assert set(a) == set(b), sorted(set(a) ^ set(b))[:5]
-        print(max((a[k].float() - b[k].float()).abs().max().item() for k in a))
+        worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+        differ = sum(int((a[k] != b[k]).sum()) for k in a) / sum(a[k].numel() for k in a)
+        print(worst, differ)
         """
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(proc.stdout.strip())
+    worst, differ = proc.stdout.split()
+    return float(worst), float(differ)
 
 
 def main() -> None:
@@ -216,13 +221,13 @@ def main() -> None:
                 best = min(rs, key=lambda r: r["seconds"])
                 entry[tool] = {
                     "seconds": best["seconds"],
-                    "merge_seconds": best["seconds"] - results["startup_s"][tool],
+                    "all_seconds": [r["seconds"] for r in rs],
                     "peak_rss_anon_mb": max(r["peak_rss_anon_mb"] for r in rs),
                     "extra_rss_anon_mb": max(r["peak_rss_anon_mb"] for r in rs) - results["baseline_rss_anon_mb"][tool],
                     "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
                 }
             if mergekit is not None:
-                entry["max_abs_diff"] = compare_outputs(ours_out, theirs_out)
+                entry["max_abs_diff"], entry["fraction_differing"] = compare_outputs(ours_out, theirs_out)
             results["methods"][method] = entry
 
     if args.json:
@@ -236,7 +241,7 @@ def main() -> None:
         print("mergekit not available")
     startup = ", ".join(f"{k} {v:.2f} s" for k, v in results["startup_s"].items())
     print(f"startup (imports only): {startup}")
-    header = f"{'method':8} {'tool':15} {'wall s':>8} {'merge s':>8} {'peak RssAnon MB':>16} {'extra MB':>9} {'peak RSS MB':>12}"
+    header = f"{'method':8} {'tool':15} {'wall s':>8} {'peak RssAnon MB':>16} {'extra MB':>9} {'peak RSS MB':>12}  all runs (s)"
     print(header)
     for method, entry in results["methods"].items():
         for tool in ("ours", "mergekit"):
@@ -245,11 +250,14 @@ def main() -> None:
             r = entry[tool]
             label = "lightning-soup" if tool == "ours" else f"mergekit {results.get('mergekit_version', '')}"
             print(
-                f"{method:8} {label:15} {r['seconds']:8.2f} {r['merge_seconds']:8.2f} {r['peak_rss_anon_mb']:16.0f} "
-                f"{r['extra_rss_anon_mb']:9.0f} {r['peak_rss_mb']:12.0f}"
+                f"{method:8} {label:15} {r['seconds']:8.2f} {r['peak_rss_anon_mb']:16.0f} "
+                f"{r['extra_rss_anon_mb']:9.0f} {r['peak_rss_mb']:12.0f}  {', '.join(f'{x:.1f}' for x in r['all_seconds'])}"
             )
         if "max_abs_diff" in entry:
-            print(f"{'':8} max |ours − mergekit| = {entry['max_abs_diff']:.3g}")
+            print(
+                f"{'':8} max |ours − mergekit| = {entry['max_abs_diff']:.3g}; "
+                f"{100 * entry['fraction_differing']:.4f}% of the elements differ"
+            )
 
 
 if __name__ == "__main__":
