@@ -172,6 +172,8 @@ def check_compatible(inputs: Sequence[Input]) -> None:
             "; merge only checkpoints of the same model (`--prefix` selects a sub-module's keys); "
             "`lightning-soup inspect` lists every difference"
         )
+        if "pass --prefix" in problems[0]:  # the line already says what to do
+            hint = ""
         raise SoupError(problems[0] + extra + hint)
     core_check(metas, names)  # the functional core's own check, so that the two can never disagree
 

@@ -112,9 +112,7 @@ class Compatibility:
             prefix = self.prefixes.get(name)
             if prefix is not None:
                 added, source, other = (prefix[1:], ref, name) if prefix.startswith("-") else (prefix, name, ref)
-                lines.append(
-                    f"{source}: its keys are those of {other} with the prefix {added!r} added; pass --prefix {added}"
-                )
+                lines.append(f"{source}: it holds the keys of {other} under the prefix {added!r}; pass --prefix {added}")
                 continue
             parts = []
             if missing:
@@ -145,16 +143,21 @@ def _summary(name: str, meta: Mapping[str, Any]) -> ModelSummary:
     return ModelSummary(name, len(meta), params, floating, nbytes, dtypes)
 
 
-def _prefix_between(ref_keys: list[str], keys: list[str]) -> str | None:
-    """The prefix that turns one key list into the other (``"-p"`` when the reference has it), or None."""
-    if not ref_keys or len(ref_keys) != len(keys):
-        return None
-    for longer, shorter, sign in ((keys, ref_keys, ""), (ref_keys, keys, "-")):
-        head, tail = longer[0], shorter[0]
-        if len(head) > len(tail) and head.endswith(tail):
-            prefix = head[: len(head) - len(tail)]
-            if prefix.endswith(".") and {prefix + k for k in shorter} == set(longer):
-                return sign + prefix
+def _prefix_between(missing: list[str], unexpected: list[str]) -> str | None:
+    """The prefix under which one input holds all the other's keys (``"-p"`` when the reference holds them), or None.
+
+    A Lightning checkpoint holds the network's keys under its attribute name (``model.``) and often more (a loss
+    module, metrics), so the prefixed keys only need to include the other's.
+    """
+    for longer, shorter, sign in ((unexpected, missing, ""), (missing, unexpected, "-")):
+        if not shorter or len(longer) < len(shorter):
+            continue
+        tail, pool = shorter[0], set(longer)
+        for head in longer:
+            if head.endswith("." + tail):
+                prefix = head[: len(head) - len(tail)]
+                if all(prefix + k in pool for k in shorter):
+                    return sign + prefix
     return None
 
 

@@ -461,6 +461,15 @@ def test_errors_are_one_line_naming_the_file_and_leave_nothing(
     assert set(tmp_path.iterdir()) == before  # no output, no temporary left behind
 
 
+def test_a_wrapper_prefix_is_diagnosed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, fts = make_models(2)
+    a, b = write(fts[0], tmp_path / "A", "safetensors"), write(fts[1], tmp_path / "B", "ckpt")
+    rc, _, err = run(["average", a, b, "-o", tmp_path / "o.safetensors"], capsys)
+    assert rc == 1 and err.count("\n") == 1
+    assert "B.ckpt: it holds the keys of" in err and "under the prefix 'model.'; pass --prefix model." in err
+    assert run(["average", a, b, "-o", tmp_path / "o.safetensors", "--prefix", "model."], capsys)[0] == 0
+
+
 def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, fts = make_models(2)
     a = write(fts[0], tmp_path / "A", "safetensors")
