@@ -114,7 +114,10 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write the inputs (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
-        "--mmap-threshold", type=int, default=None, help="run the CLI with MALLOC_MMAP_THRESHOLD_ set to this many bytes"
+        "--mmap-threshold",
+        type=int,
+        default=None,
+        help="run the CLI with MALLOC_MMAP_THRESHOLD_ set to this many bytes",
     )
     args = parser.parse_args()
 
@@ -156,7 +159,8 @@ def main() -> None:
     )
     print(f"  wall time                       {r['seconds']:.2f} s")
     print(
-        f"  peak RssAnon (sampled)          {r['peak_rss_anon_mb']:.0f} MB  = baseline {r['baseline_rss_anon_mb']:.0f} MB "
+        f"  peak RssAnon (sampled)          {r['peak_rss_anon_mb']:.0f} MB  = "
+        f"baseline {r['baseline_rss_anon_mb']:.0f} MB "
         f"+ {r['extra_rss_anon_mb']:.0f} MB ({r['extra_rss_anon_mb'] / r['input_mb']:.2f} × one input)"
     )
     print(

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -35,7 +34,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_cli_memory import measure  # noqa: E402
 
-OURS_IMPORTS = "import torch, rich.progress, lightning_soup.cli, lightning_soup._cli_merge, lightning_soup.merge, lightning_soup.storage"
+OURS_IMPORTS = (
+    "import torch, rich.progress, lightning_soup.cli, lightning_soup._cli_merge, lightning_soup.merge, "
+    "lightning_soup.storage"
+)
 MERGEKIT_IMPORTS = "import torch, transformers, mergekit.merge, mergekit.config, mergekit.options"
 
 
@@ -114,7 +116,9 @@ def write_models(folder: Path, names: list[str], hidden: int, layers: int, vocab
         if n == 0:
             sd = base
         else:
-            sd = {k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()}
+            sd = {
+                k: (v.float() + 0.002 * torch.randn(v.shape, generator=g)).to(torch.bfloat16) for k, v in base.items()
+            }
         save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
         del sd
 
@@ -137,7 +141,19 @@ def ours_argv(method: str, models: list[Path], out: Path, density: float) -> lis
     cli = [sys.executable, "-m", "lightning_soup"]
     if method == "linear":
         return [*cli, "average", *map(str, models), "-o", str(out), "--quiet", "--force"]
-    return [*cli, "ties", "--base", str(models[0]), *map(str, models[1:]), "--density", str(density), "-o", str(out), "--quiet", "--force"]
+    return [
+        *cli,
+        "ties",
+        "--base",
+        str(models[0]),
+        *map(str, models[1:]),
+        "--density",
+        str(density),
+        "-o",
+        str(out),
+        "--quiet",
+        "--force",
+    ]
 
 
 def compare_outputs(ours: Path, theirs: Path) -> tuple[float, float]:
@@ -182,7 +198,8 @@ def main() -> None:
         names = ["base", "ft1", "ft2"]
         code = (
             f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_mergekit as b; "
-            f"from pathlib import Path; b.write_models(Path({str(folder)!r}), {names!r}, {args.hidden}, {args.layers}, {args.vocab})"
+            f"from pathlib import Path; "
+            f"b.write_models(Path({str(folder)!r}), {names!r}, {args.hidden}, {args.layers}, {args.vocab})"
         )
         subprocess.run([sys.executable, "-c", code], check=True)
         models = [folder / n for n in names]
@@ -193,7 +210,8 @@ def main() -> None:
             imports["mergekit"] = [str(mergekit.parent / "python"), "-c", MERGEKIT_IMPORTS]
             version = subprocess.run(
                 [str(mergekit.parent / "python"), "-c", "import importlib.metadata as m; print(m.version('mergekit'))"],
-                capture_output=True, text=True,
+                capture_output=True,
+                text=True,
             ).stdout.strip()
             results["mergekit_version"] = version
         startup = {}
@@ -211,8 +229,15 @@ def main() -> None:
             for _ in range(args.repeat):
                 runs["ours"].append(measure(ours_argv(method, models, ours_out, args.density)))
                 if mergekit is not None:
-                    argv = [str(mergekit), str(config), str(theirs_out), "--no-copy-tokenizer", "--quiet",
-                            "--no-write-model-card", "--allow-crimes"]
+                    argv = [
+                        str(mergekit),
+                        str(config),
+                        str(theirs_out),
+                        "--no-copy-tokenizer",
+                        "--quiet",
+                        "--no-write-model-card",
+                        "--allow-crimes",
+                    ]
                     runs["mergekit"].append(measure(argv))
             entry = {}
             for tool, rs in runs.items():
@@ -241,7 +266,10 @@ def main() -> None:
         print("mergekit not available")
     startup = ", ".join(f"{k} {v:.2f} s" for k, v in results["startup_s"].items())
     print(f"startup (imports only): {startup}")
-    header = f"{'method':8} {'tool':15} {'wall s':>8} {'peak RssAnon MB':>16} {'extra MB':>9} {'peak RSS MB':>12}  all runs (s)"
+    header = (
+        f"{'method':8} {'tool':15} {'wall s':>8} {'peak RssAnon MB':>16} {'extra MB':>9} {'peak RSS MB':>12}  "
+        "all runs (s)"
+    )
     print(header)
     for method, entry in results["methods"].items():
         for tool in ("ours", "mergekit"):
@@ -251,7 +279,8 @@ def main() -> None:
             label = "lightning-soup" if tool == "ours" else f"mergekit {results.get('mergekit_version', '')}"
             print(
                 f"{method:8} {label:15} {r['seconds']:8.2f} {r['peak_rss_anon_mb']:16.0f} "
-                f"{r['extra_rss_anon_mb']:9.0f} {r['peak_rss_mb']:12.0f}  {', '.join(f'{x:.1f}' for x in r['all_seconds'])}"
+                f"{r['extra_rss_anon_mb']:9.0f} {r['peak_rss_mb']:12.0f}  "
+                + ", ".join(f"{x:.1f}" for x in r["all_seconds"])
             )
         if "max_abs_diff" in entry:
             print(

@@ -181,11 +181,13 @@ class Progress:
             from rich.progress import (
                 BarColumn,
                 DownloadColumn,
-                Progress as RichProgress,
                 TextColumn,
                 TimeElapsedColumn,
                 TimeRemainingColumn,
                 TransferSpeedColumn,
+            )
+            from rich.progress import (
+                Progress as RichProgress,
             )
 
             self._progress = RichProgress(

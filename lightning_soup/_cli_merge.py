@@ -89,7 +89,8 @@ def make_plan(args: Namespace) -> Plan:
             unused = [p for p in layer_ratios if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
             if unused:
                 raise SoupError(
-                    f"--layer-ratio {' '.join(repr(p) for p in unused)}: the pattern matches no key (fnmatch over whole "
+                    f"--layer-ratio {' '.join(repr(p) for p in unused)}: the pattern matches no key (fnmatch over "
+                    "whole "
                     f"key names such as {keys[0]!r}; check the spelling and --prefix)"
                 )
 
@@ -138,13 +139,17 @@ def make_plan(args: Namespace) -> Plan:
 
 
 def check_output(output: Path, args: Namespace, inputs: Sequence[Input] = ()) -> None:
-    """Refuse to overwrite without ``--force``, to replace a folder that is not a checkpoint, or to write over an input."""
+    """Refuse to overwrite without ``--force``, to replace a folder that is not a checkpoint, or to write an input."""
     if output.exists() or output.is_symlink():
         if not args.force:
             raise SoupError(f"{output} already exists; pass --force to overwrite it")
         if output.is_dir() and not output.is_symlink():
             # the same rule as the writer's final rename, checked before any work is done
-            others = [c.name for c in output.iterdir() if not (c.is_file() and c.name.endswith((".safetensors", ".index.json")))]
+            others = [
+                c.name
+                for c in output.iterdir()
+                if not (c.is_file() and c.name.endswith((".safetensors", ".index.json")))
+            ]
             if others:
                 raise SoupError(
                     f"{output} is a folder holding other files than a sharded checkpoint ({', '.join(others[:3])}); "
@@ -217,7 +222,9 @@ def output_specs(
     return specs
 
 
-def recipe_of(plan: Plan, inputs: Sequence[Input], digests: Sequence[str], args: Namespace, argv: Sequence[str]) -> dict:
+def recipe_of(
+    plan: Plan, inputs: Sequence[Input], digests: Sequence[str], args: Namespace, argv: Sequence[str]
+) -> dict:
     from lightning_soup import __version__
 
     entries = []
@@ -268,7 +275,9 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
                     result = plan.merge(key, tensors)
                     dtype, shape = specs[key]
                     if tuple(result.shape) != shape:  # pragma: no cover - a merge function bug, not a user error
-                        raise RuntimeError(f"{plan.function} returned shape {tuple(result.shape)} for {key!r}, expected {shape}")
+                        raise RuntimeError(
+                            f"{plan.function} returned shape {tuple(result.shape)} for {key!r}, expected {shape}"
+                        )
                     writer.write(key, result.to(dtype))
                     del tensors, result
                     progress.advance(task, dtype.itemsize * _numel(shape))

@@ -112,7 +112,9 @@ class Compatibility:
             prefix = self.prefixes.get(name)
             if prefix is not None:
                 added, source, other = (prefix[1:], ref, name) if prefix.startswith("-") else (prefix, name, ref)
-                lines.append(f"{source}: it holds the keys of {other} under the prefix {added!r}; pass --prefix {added}")
+                lines.append(
+                    f"{source}: it holds the keys of {other} under the prefix {added!r}; pass --prefix {added}"
+                )
                 continue
             parts = []
             if missing:
@@ -404,12 +406,20 @@ def render_compatibility(compat: Compatibility, *, limit: int = 20) -> Renderabl
     from rich.text import Text
 
     models = Table(title="Models", title_justify="left")
-    for col, justify in (("model", "left"), ("tensors", "right"), ("parameters", "right"), ("floating", "right"),
-                         ("size", "right"), ("dtypes", "left")):
+    for col, justify in (
+        ("model", "left"),
+        ("tensors", "right"),
+        ("parameters", "right"),
+        ("floating", "right"),
+        ("size", "right"),
+        ("dtypes", "left"),
+    ):
         models.add_column(col, justify=justify)  # type: ignore[arg-type]
     for m in compat.models:
         dtypes = ", ".join(f"{d} {100 * n / m.num_params:.0f}%" if m.num_params else d for d, n in m.dtypes.items())
-        models.add_row(m.name, _count(m.num_tensors), _count(m.num_params), _count(m.num_floating), _bytes(m.nbytes), dtypes)
+        models.add_row(
+            m.name, _count(m.num_tensors), _count(m.num_params), _count(m.num_floating), _bytes(m.nbytes), dtypes
+        )
     parts: list[Any] = [models]
     if len(compat.models) < 2:
         return Group(*parts)
@@ -449,12 +459,16 @@ def render_task_vectors(report: TaskVectorReport, base_name: str) -> RenderableT
     for name, norm, rel in zip(report.names, report.norms, report.relative_norms):
         norms.add_row(name, _num(norm), _num(rel))
     parts: list[Any] = [
-        Text(f"{_count(report.num_params)} floating parameters in {report.num_tensors} tensors compared; "
-             f"‖base‖ = {_num(report.base_norm)}"),
+        Text(
+            f"{_count(report.num_params)} floating parameters in {report.num_tensors} tensors compared; "
+            f"‖base‖ = {_num(report.base_norm)}"
+        ),
         norms,
     ]
     if len(report.names) > 1:
-        parts.append(_matrix_table("Cosine similarity of task vectors", report.names, report.cosine, lambda v: _num(v, "+.4f")))
+        parts.append(
+            _matrix_table("Cosine similarity of task vectors", report.names, report.cosine, lambda v: _num(v, "+.4f"))
+        )
         parts.append(
             Text(
                 f"Sign conflicts: {_percent(report.conflict_fraction)} of the parameters have task vectors of "
@@ -474,7 +488,9 @@ def render_task_vectors(report: TaskVectorReport, base_name: str) -> RenderableT
     return Group(*parts)
 
 
-def render_report(compat: Compatibility, task_vectors: TaskVectorReport | None = None, base_name: str = "base") -> RenderableType:
+def render_report(
+    compat: Compatibility, task_vectors: TaskVectorReport | None = None, base_name: str = "base"
+) -> RenderableType:
     """The whole ``inspect`` report as one rich renderable."""
     from rich.console import Group
 

@@ -150,7 +150,13 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
     """Options every command shares; ``writes`` adds the output options of the merge commands."""
     if writes:
         out = p.add_argument_group("output")
-        out.add_argument("-o", "--output", required=True, metavar="PATH", help="the .safetensors file to write (a folder with --shard-size)")
+        out.add_argument(
+            "-o",
+            "--output",
+            required=True,
+            metavar="PATH",
+            help="the .safetensors file to write (a folder with --shard-size)",
+        )
         out.add_argument("--force", action="store_true", help="overwrite the output if it exists")
         out.add_argument(
             "--dtype",
@@ -165,7 +171,8 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
             type=parse_size,
             default=None,
             metavar="SIZE",
-            help="write a sharded folder with shards of at most SIZE (2GB, 500MB, 1GiB) and model.safetensors.index.json",
+            help="write a sharded folder with shards of at most SIZE (2GB, 500MB, 1GiB) and "
+            "model.safetensors.index.json",
         )
     p.add_argument(
         "--prefix",
@@ -175,7 +182,9 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
         "whose network is self.model), so the output loads straight into the inner network; inputs without such "
         "keys (a .safetensors of the inner network next to a .ckpt) are used as they are",
     )
-    p.add_argument("--device", default="cpu", metavar="DEVICE", help="compute on this device, e.g. cuda or cuda:1 (default: cpu)")
+    p.add_argument(
+        "--device", default="cpu", metavar="DEVICE", help="compute on this device, e.g. cuda or cuda:1 (default: cpu)"
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary on stderr")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
 
@@ -197,9 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(_parser=p)  # for usage errors found after parsing
         return p
 
-    p = command("average", "(weighted) mean of the inputs", "The elementwise mean Σ wᵢθᵢ / Σ wᵢ of the inputs (uniform by default).")
+    p = command(
+        "average",
+        "(weighted) mean of the inputs",
+        "The elementwise mean Σ wᵢθᵢ / Σ wᵢ of the inputs (uniform by default).",
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="two or more checkpoints")
-    p.add_argument("--weights", nargs="+", type=float, metavar="W", help="one non-negative weight per input (default: equal)")
+    p.add_argument(
+        "--weights", nargs="+", type=float, metavar="W", help="one non-negative weight per input (default: equal)"
+    )
     _common(p, writes=True)
 
     p = command(
@@ -223,11 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = command(
         "task-arithmetic",
         "base + Σ λᵢ (ftᵢ − base)",
-        "Add scaled task vectors to the base: base + Σ λᵢ·(ftᵢ − base) (Ilharco et al. 2023); a negative λ removes a skill.",
+        "Add scaled task vectors to the base: base + Σ λᵢ·(ftᵢ − base) (Ilharco et al. 2023); a negative λ removes "
+        "a skill.",
     )
     p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
     p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
-    p.add_argument("--scales", required=True, nargs="+", type=float, metavar="λ", help="one scale, or one per fine-tune")
+    p.add_argument(
+        "--scales", required=True, nargs="+", type=float, metavar="λ", help="one scale, or one per fine-tune"
+    )
     _common(p, writes=True)
 
     p = command(
@@ -238,8 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
     p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
-    p.add_argument("--density", required=True, type=_fraction, metavar="D", help="fraction of each task vector kept, in (0, 1]")
-    p.add_argument("--scale", type=float, default=1.0, metavar="λ", help="scale of the merged task vector (default: 1.0)")
+    p.add_argument(
+        "--density", required=True, type=_fraction, metavar="D", help="fraction of each task vector kept, in (0, 1]"
+    )
+    p.add_argument(
+        "--scale", type=float, default=1.0, metavar="λ", help="scale of the merged task vector (default: 1.0)"
+    )
     _common(p, writes=True)
 
     p = command(
@@ -250,8 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
     p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
-    p.add_argument("--density", required=True, type=_fraction, metavar="D", help="probability of keeping an entry, in (0, 1]")
-    p.add_argument("--scale", type=float, default=1.0, metavar="λ", help="scale of the summed task vectors (default: 1.0)")
+    p.add_argument(
+        "--density", required=True, type=_fraction, metavar="D", help="probability of keeping an entry, in (0, 1]"
+    )
+    p.add_argument(
+        "--scale", type=float, default=1.0, metavar="λ", help="scale of the summed task vectors (default: 1.0)"
+    )
     p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N", help="random seed (default: 0)")
     _common(p, writes=True)
 
@@ -274,7 +300,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", metavar="MODEL")
     p.add_argument("--base", default=None, metavar="BASE", help="compute task vectors MODEL − BASE")
     p.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    p.add_argument("--top", type=_nonnegative_int, default=10, metavar="N", help="list the N most-conflicting tensors (default: 10)")
+    p.add_argument(
+        "--top",
+        type=_nonnegative_int,
+        default=10,
+        metavar="N",
+        help="list the N most-conflicting tensors (default: 10)",
+    )
     _common(p, writes=False)
     return parser
 
@@ -300,7 +332,10 @@ def _check_usage(args: argparse.Namespace) -> None:
         if args.weights is not None and len(args.weights) != len(args.inputs):
             sub.error(f"--weights: got {len(args.weights)} weights for {len(args.inputs)} inputs")
     if args.command == "task-arithmetic" and len(args.scales) not in (1, len(args.finetuned)):
-        sub.error(f"--scales: got {len(args.scales)} scales for {len(args.finetuned)} fine-tuned models; give one or one per model")
+        sub.error(
+            f"--scales: got {len(args.scales)} scales for {len(args.finetuned)} fine-tuned models; give one or one "
+            "per model"
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -57,7 +57,7 @@ def make_models(n: int = 3, dtype: torch.dtype = torch.float32) -> tuple[dict[st
 
 
 def write(sd: dict[str, Tensor], stem: Path, fmt: str) -> str:
-    """Save ``sd`` as a ``.safetensors`` file, a two-shard folder, or a Lightning-style ``.ckpt`` (keys under model.)."""
+    """Save ``sd`` as a ``.safetensors`` file, a two-shard folder or a Lightning-style ``.ckpt`` (keys under model.)."""
     sd = {k: v.contiguous().clone() for k, v in sd.items()}
     if fmt == "safetensors":
         path = stem.with_suffix(".safetensors")
@@ -128,12 +128,16 @@ def ref_weighted(sds: list[dict[str, Tensor]], weights: list[float]) -> dict[str
     return {k: sum(w * f64(sd)[k] for w, sd in zip(weights, sds)) / total for k in f64(sds[0])}
 
 
-def ref_blend(anchor: dict[str, Tensor], model: dict[str, Tensor], ratio: float, head_ratio: float) -> dict[str, Tensor]:
+def ref_blend(
+    anchor: dict[str, Tensor], model: dict[str, Tensor], ratio: float, head_ratio: float
+) -> dict[str, Tensor]:
     a, m = f64(anchor), f64(model)
     return {k: a[k] + (head_ratio if k.startswith("head.") else ratio) * (m[k] - a[k]) for k in a}
 
 
-def ref_task_arithmetic(base: dict[str, Tensor], fts: list[dict[str, Tensor]], scales: list[float]) -> dict[str, Tensor]:
+def ref_task_arithmetic(
+    base: dict[str, Tensor], fts: list[dict[str, Tensor]], scales: list[float]
+) -> dict[str, Tensor]:
     b = f64(base)
     return {k: b[k] + sum(s * (f64(ft)[k] - b[k]) for s, ft in zip(scales, fts)) for k in b}
 
@@ -217,7 +221,9 @@ CASES: dict[str, Case] = {
 
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("command", list(CASES))
-def test_command_matches_float64_reference(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, fmt: str) -> None:
+def test_command_matches_float64_reference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, fmt: str
+) -> None:
     base, fts = make_models()
     paths, prefix = write_all(tmp_path, {"base": base, "ft0": fts[0], "ft1": fts[1], "ft2": fts[2]}, fmt)
     argv_of, reference, int_source = CASES[command]
@@ -251,7 +257,9 @@ def test_dare_drops_and_rescales_reproducibly(tmp_path: Path, capsys: pytest.Cap
 
     def dare(seed: int, name: str) -> dict[str, Tensor]:
         out = tmp_path / f"{name}.safetensors"
-        rc, _, err = run(["dare", "--base", paths["base"], paths["ft"], "--density", "0.25", "--seed", seed, "-o", out], capsys)
+        rc, _, err = run(
+            ["dare", "--base", paths["base"], paths["ft"], "--density", "0.25", "--seed", seed, "-o", out], capsys
+        )
         assert rc == 0, err
         return load_file(out)
 
@@ -325,7 +333,9 @@ def test_dtype_casts_floating_outputs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert storage.read_recipe(out)["dtype"] == dtype
 
 
-def test_dtype_float32_from_bfloat16_inputs_is_not_rounded_to_bfloat16(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dtype_float32_from_bfloat16_inputs_is_not_rounded_to_bfloat16(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _, fts = make_models(2, dtype=torch.bfloat16)
     paths, _ = write_all(tmp_path, {"a": fts[0], "b": fts[1]}, "safetensors")
     out = tmp_path / "out.safetensors"
@@ -371,11 +381,25 @@ def test_sharded_output_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture
     assert out == f"{storage.sha256_file(sharded)}  {sharded}\n"
 
 
-def test_recipe_records_command_inputs_sha256_and_parameters(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_recipe_records_command_inputs_sha256_and_parameters(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base, fts = make_models(2)
     paths, prefix = write_all(tmp_path, {"base": base, "ft0": fts[0], "ft1": fts[1]}, "mixed")
     out = tmp_path / "out.safetensors"
-    argv = ["task-arithmetic", "--base", paths["base"], paths["ft0"], paths["ft1"], "--scales", "0.5", "-0.25", "-o", out, *prefix]
+    argv = [
+        "task-arithmetic",
+        "--base",
+        paths["base"],
+        paths["ft0"],
+        paths["ft1"],
+        "--scales",
+        "0.5",
+        "-0.25",
+        "-o",
+        out,
+        *prefix,
+    ]
     assert run(argv, capsys)[0] == 0
 
     recipe = storage.read_recipe(out)
@@ -384,7 +408,9 @@ def test_recipe_records_command_inputs_sha256_and_parameters(tmp_path: Path, cap
     assert recipe["parameters"] == {"scales": [0.5, -0.25]}
     assert recipe["command"].startswith("lightning-soup task-arithmetic --base ")
     assert [(i["role"], i["path"]) for i in recipe["inputs"]] == [
-        ("base", paths["base"]), ("finetuned", paths["ft0"]), ("finetuned", paths["ft1"])
+        ("base", paths["base"]),
+        ("finetuned", paths["ft0"]),
+        ("finetuned", paths["ft1"]),
     ]
 
     def sha(path: str) -> str:
@@ -392,7 +418,8 @@ def test_recipe_records_command_inputs_sha256_and_parameters(tmp_path: Path, cap
         if p.is_file():
             return hashlib.sha256(p.read_bytes()).hexdigest()
         manifest = "".join(
-            f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n" for f in sorted(p.iterdir(), key=lambda f: f.name)
+            f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n"
+            for f in sorted(p.iterdir(), key=lambda f: f.name)
         )
         return hashlib.sha256(manifest.encode()).hexdigest()
 
@@ -418,21 +445,39 @@ def _garbage(path: str) -> None:
 
 ERRORS: dict[str, tuple[Callable[[dict[str, Tensor], Path], str], list[str]]] = {
     # name: (make input B from a compatible state dict, what the one-line message must contain besides B's name)
-    "shape": (lambda sd, p: write(sd | {"enc.weight": torch.zeros(8, 5)}, p, "safetensors"), ["'enc.weight'", "(8, 5)", "(8, 6)"]),
-    "missing key": (lambda sd, p: write({k: v for k, v in sd.items() if k != "head.bias"}, p, "safetensors"), ["'head.bias'"]),
+    "shape": (
+        lambda sd, p: write(sd | {"enc.weight": torch.zeros(8, 5)}, p, "safetensors"),
+        ["'enc.weight'", "(8, 5)", "(8, 6)"],
+    ),
+    "missing key": (
+        lambda sd, p: write({k: v for k, v in sd.items() if k != "head.bias"}, p, "safetensors"),
+        ["'head.bias'"],
+    ),
     "extra key": (lambda sd, p: write(sd | {"extra.weight": torch.zeros(2)}, p, "safetensors"), ["'extra.weight'"]),
-    "dtype kind": (lambda sd, p: write(sd | {"bn.num_batches_tracked": torch.tensor(1.0)}, p, "safetensors"), ["'bn.num_batches_tracked'", "int64"]),
+    "dtype kind": (
+        lambda sd, p: write(sd | {"bn.num_batches_tracked": torch.tensor(1.0)}, p, "safetensors"),
+        ["'bn.num_batches_tracked'", "int64"],
+    ),
     "truncated": (lambda sd, p: (path := write(sd, p, "safetensors"), _truncate(path))[0], ["truncated"]),
-    "corrupt": (lambda sd, p: (path := write(sd, p, "safetensors"), _garbage(path))[0], ["not a readable safetensors file"]),
+    "corrupt": (
+        lambda sd, p: (path := write(sd, p, "safetensors"), _garbage(path))[0],
+        ["not a readable safetensors file"],
+    ),
     "ckpt without state_dict": (
-        lambda sd, p: (torch.save({"epoch": 1, "optimizer_states": []}, p.with_suffix(".ckpt")), str(p.with_suffix(".ckpt")))[1],
+        lambda sd, p: (
+            torch.save({"epoch": 1, "optimizer_states": []}, p.with_suffix(".ckpt")),
+            str(p.with_suffix(".ckpt")),
+        )[1],
         ["state_dict"],
     ),
     "truncated ckpt": (lambda sd, p: (path := write(sd, p, "ckpt"), _truncate(path))[0], []),
     "missing file": (lambda sd, p: str(p.with_suffix(".safetensors")), ["does not exist"]),
-    "unknown extension": (lambda sd, p: (p.with_suffix(".txt").write_text("hi"), str(p.with_suffix(".txt")))[1], [".txt"]),
+    "unknown extension": (
+        lambda sd, p: (p.with_suffix(".txt").write_text("hi"), str(p.with_suffix(".txt")))[1],
+        [".txt"],
+    ),
     "missing shard": (
-        lambda sd, p: (path := write(sd, p, "sharded"), (p / "model-00002-of-00002.safetensors").unlink())[0],
+        lambda sd, p: (write(sd, p, "sharded"), (p / "model-00002-of-00002.safetensors").unlink())[0],
         ["model-00002-of-00002.safetensors"],
     ),
 }
@@ -533,7 +578,9 @@ def test_failure_while_streaming_leaves_no_output(
 def test_cleans_up_what_a_killed_run_left_behind(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _, fts = make_models(2)
     a, b = write(fts[0], tmp_path / "A", "safetensors"), write(fts[1], tmp_path / "B", "safetensors")
-    dead = subprocess.run([PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     stale = tmp_path / f".out.safetensors.tmp-{dead}-0123abcd.safetensors"
     stale.write_bytes(b"half a tensor")
     assert run(["average", a, b, "-o", tmp_path / "out.safetensors"], capsys)[0] == 0
@@ -554,8 +601,31 @@ def test_cleans_up_what_a_killed_run_left_behind(tmp_path: Path, capsys: pytest.
         ["ties", "--base", "A.safetensors", "B.safetensors", "--density", "0", "-o", "o.safetensors"],
         ["dare", "--base", "A.safetensors", "B.safetensors", "--density", "1.5", "-o", "o.safetensors"],
         ["dare", "--base", "A.safetensors", "B.safetensors", "--density", "0.5", "--seed", "-1", "-o", "o.safetensors"],
-        ["task-arithmetic", "--base", "A.safetensors", "B.safetensors", "--scales", "1", "2", "3", "-o", "o.safetensors"],
-        ["blend", "--anchor", "A.safetensors", "--model", "B.safetensors", "--ratio", "0.5", "--layer-ratio", "x", "-o", "o.safetensors"],
+        [
+            "task-arithmetic",
+            "--base",
+            "A.safetensors",
+            "B.safetensors",
+            "--scales",
+            "1",
+            "2",
+            "3",
+            "-o",
+            "o.safetensors",
+        ],
+        [
+            "blend",
+            "--anchor",
+            "A.safetensors",
+            "--model",
+            "B.safetensors",
+            "--ratio",
+            "0.5",
+            "--layer-ratio",
+            "x",
+            "-o",
+            "o.safetensors",
+        ],
         ["slerp", "A.safetensors", "--t", "0.5", "-o", "o.safetensors"],
         ["frobnicate"],
         [],
@@ -621,12 +691,25 @@ def test_streams_each_tensor_once(
         return real(self, key)
 
     monkeypatch.setattr(_cli_io.Input, "__getitem__", counting)
-    argv = ["ties", "--base", paths["base"], paths["ft0"], paths["ft1"], "--density", "0.5", "-o", tmp_path / "o.safetensors", *prefix]
+    argv = [
+        "ties",
+        "--base",
+        paths["base"],
+        paths["ft0"],
+        paths["ft1"],
+        "--density",
+        "0.5",
+        "-o",
+        tmp_path / "o.safetensors",
+        *prefix,
+    ]
     assert run(argv, capsys)[0] == 0
     assert sorted(reads) == sorted((paths[n], k) for n in ("base", "ft0", "ft1") for k in base)
 
 
-def test_progress_bar_and_quiet(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_bar_and_quiet(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     from lightning_soup import _cli_merge
 
     _, fts = make_models(2)
@@ -661,8 +744,15 @@ def ref_inspect(base: dict[str, Tensor], fts: list[dict[str, Tensor]]) -> dict:
         d = torch.stack([(ft[k].double() - base[k].double()).reshape(-1) for ft in fts])
         per_key[k] = ((d > 0).any(0) & (d < 0).any(0)).double().mean().item()
     base_norm = torch.cat([base[k].double().reshape(-1) for k in keys]).norm().item()
-    return dict(norms=norms, cosine=cosine, conflict=conflict, pairwise=pairwise, per_key=per_key, base_norm=base_norm,
-                num_params=sum(base[k].numel() for k in keys))
+    return dict(
+        norms=norms,
+        cosine=cosine,
+        conflict=conflict,
+        pairwise=pairwise,
+        per_key=per_key,
+        base_norm=base_norm,
+        num_params=sum(base[k].numel() for k in keys),
+    )
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "mixed"])
@@ -670,7 +760,10 @@ def test_inspect_json_matches_float64_reference(tmp_path: Path, capsys: pytest.C
     base, fts = make_models()
     fts[2]["head.bias"] = base["head.bias"].clone()  # a zero task-vector tensor: never conflicts
     paths, prefix = write_all(tmp_path, {"base": base, "ft0": fts[0], "ft1": fts[1], "ft2": fts[2]}, fmt)
-    rc, out, err = run(["inspect", paths["ft0"], paths["ft1"], paths["ft2"], "--base", paths["base"], "--json", "--top", "3", *prefix], capsys)
+    rc, out, err = run(
+        ["inspect", paths["ft0"], paths["ft1"], paths["ft2"], "--base", paths["base"], "--json", "--top", "3", *prefix],
+        capsys,
+    )
     assert rc == 0, err
     doc = json.loads(out)
     ref = ref_inspect(base, fts)
@@ -729,7 +822,9 @@ def test_inspect_reports_what_differs(tmp_path: Path, capsys: pytest.CaptureFixt
     doc = json.loads(out)
     assert doc["compatible"] is False
     assert doc["missing"] == {paths["b"]: ["bn.bias"]}
-    assert [(m["key"], m["name"], m["value"]) for m in doc["shape_mismatches"]] == [("enc.weight", paths["b"], "(8, 5)")]
+    assert [(m["key"], m["name"], m["value"]) for m in doc["shape_mismatches"]] == [
+        ("enc.weight", paths["b"], "(8, 5)")
+    ]
     assert [(m["key"], m["value"]) for m in doc["dtype_differences"]] == [("head.bias", "float16")]
     # statistics over the tensors every model shares with the same shape
     shared = {k for k in base if base[k].is_floating_point()} - {"enc.weight", "bn.bias"}
@@ -778,7 +873,10 @@ def test_console_script_and_python_m(tmp_path: Path) -> None:
     out = tmp_path / "soup.safetensors"
     assert SCRIPT.exists(), "the lightning-soup console script is not installed in this environment"
     proc = subprocess.run(
-        [str(SCRIPT), "average", a, b, "-o", str(out), "--prefix", "model."], capture_output=True, text=True, timeout=120
+        [str(SCRIPT), "average", a, b, "-o", str(out), "--prefix", "model."],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == f"{hashlib.sha256(out.read_bytes()).hexdigest()}  {out}\n"
@@ -801,7 +899,9 @@ def test_real_lightning_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixtur
     paths, nets = [], []
     for seed in (0, 1):
         model = make_model(pl, seed=seed)
-        trainer = pl.Trainer(**trainer_kwargs(tmp_path / f"run{seed}", max_epochs=1, limit_train_batches=2, limit_val_batches=1))
+        trainer = pl.Trainer(
+            **trainer_kwargs(tmp_path / f"run{seed}", max_epochs=1, limit_train_batches=2, limit_val_batches=1)
+        )
         trainer.fit(model)
         path = tmp_path / f"seed{seed}.ckpt"
         trainer.save_checkpoint(path)
