@@ -62,8 +62,9 @@ def initial_weights() -> dict[str, torch.Tensor]:
     """The worker's initial weights, made here independently (same seed, same class)."""
     import pytorch_lightning as pl
 
-    torch.manual_seed(0)
-    return {k: v.detach().clone() for k, v in soup_worker.model_class(pl)().state_dict().items()}
+    with torch.random.fork_rng():  # leave the test process's RNG as it was
+        torch.manual_seed(0)
+        return {k: v.detach().clone() for k, v in soup_worker.model_class(pl)().state_dict().items()}
 
 
 def run_ok(out: Path, **kwargs: Any) -> Path:
@@ -111,6 +112,7 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # `on_train_start`/`on_train_end`, so the soup and the blend are never built, and nothing says so. Reported.
 AFTER_LAST_CHECKPOINT = pytest.mark.xfail(
     strict=True,
+    raises=FileNotFoundError,  # soup.safetensors / blended.safetensors were never written
     reason="resuming a run killed after its last checkpoint: Lightning skips the finished fit loop, so the "
     "callbacks' on_train_end never runs and soup/blended are not written (needs an on_fit_end fallback)",
 )
@@ -124,7 +126,9 @@ CRASH_POINTS = [
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_sigkill_then_resume_equals_uninterrupted(baseline: Path, tmp_path: Path, point: str) -> None:
     run_killed(tmp_path, kill_at=point)
-    assert last_ckpt(tmp_path).is_file()
+    # Killed in the last epoch (2): the newest checkpoint is epoch 1's, or epoch 2's once that epoch ended.
+    resumed_from = torch.load(last_ckpt(tmp_path), weights_only=True)["global_step"]
+    assert resumed_from == (18 if point.startswith("end_") else 12)
     run_ok(tmp_path, resume=True)
     assert_equals_uninterrupted(tmp_path, baseline)
     # The "initial" anchor is the weights the first fit started from, not those the resumed fit started from.
@@ -236,6 +240,14 @@ def test_kill_mid_write_without_previous_file_leaves_no_file(tmp_path: Path) -> 
 # --------------------------------------------------------------------------------------- checkpoints and disk
 
 
+def leaves(obj: Any) -> list[Any]:
+    if isinstance(obj, dict):
+        return [x for v in obj.values() for x in leaves(v)]
+    if isinstance(obj, (list, tuple)):
+        return [x for v in obj for x in leaves(v)]
+    return [obj]
+
+
 def tensors_in(obj: Any) -> list[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         return [obj]
@@ -253,15 +265,15 @@ def test_checkpoint_holds_paths_and_counters_not_weights(baseline: Path) -> None
     assert len(states) == 3, list(ckpt["callbacks"])
     big = [(k, tuple(t.shape)) for k, v in states.items() for t in tensors_in(v) if t.numel() > 4]
     assert big == []
+    odd = [leaf for leaf in leaves(states) if not isinstance(leaf, (str, int, float, bool, type(None)))]
+    assert odd == [], odd  # names, counters, scores: plain types
     import io
-    import pickle
 
     buffer = io.BytesIO()
     torch.save(states, buffer)
     model_bytes = sum(t.numel() * t.element_size() for t in ckpt["state_dict"].values())
     # The soup callbacks add a few KB of names and numbers, far less than one copy of the (tiny) model.
     assert len(buffer.getvalue()) < max(8192, model_bytes // 2), len(buffer.getvalue())
-    assert pickle.loads(pickle.dumps(states)) == states
 
 
 def model_bytes(model: Any) -> int:

@@ -187,7 +187,9 @@ def run(
     pl_name, soup_name = FLAVOURS[flavour]
     pl = importlib.import_module(pl_name)
     soup = importlib.import_module(soup_name)
+    # A forked child inherits the test process's globals: set every one the result depends on.
     torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float32)
     random.seed(0)
     torch.manual_seed(0)
 
