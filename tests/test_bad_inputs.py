@@ -53,7 +53,9 @@ CONSTRUCTOR_CASES = [
 
 
 @pytest.mark.parametrize(("name", "kwargs", "fragments"), CONSTRUCTOR_CASES)
-def test_invalid_constructor_argument_is_named(flavour: SimpleNamespace, name: str, kwargs: dict, fragments: list) -> None:
+def test_invalid_constructor_argument_is_named(
+    flavour: SimpleNamespace, name: str, kwargs: dict, fragments: list
+) -> None:
     with pytest.raises(SoupError) as info:
         getattr(flavour.soup, name)(**kwargs)
     message = str(info.value)
@@ -65,7 +67,11 @@ def test_invalid_constructor_argument_is_named(flavour: SimpleNamespace, name: s
 @pytest.mark.parametrize(
     ("name", "kwargs", "arguments"),
     [
-        ("CheckpointAveraging", {"window": 0, "every_n_epochs": -1, "snapshots": "x"}, ["window", "every_n_epochs", "snapshots"]),
+        (
+            "CheckpointAveraging",
+            {"window": 0, "every_n_epochs": -1, "snapshots": "x"},
+            ["window", "every_n_epochs", "snapshots"],
+        ),
         ("GreedySoup", {"monitor": "", "mode": "x", "every_n_epochs": 0}, ["monitor", "mode", "every_n_epochs"]),
         ("TaskArithmeticBlend", {"ratio": [], "mode": "x", "constraint": "a ~ 1"}, ["ratio", "mode", "a ~ 1"]),
     ],
@@ -81,7 +87,9 @@ def test_every_invalid_argument_is_reported_at_once(name: str, kwargs: dict, arg
 # ------------------------------------------------------------------------------------------ monitored metrics
 
 
-def test_unknown_soup_monitor_lists_the_logged_metrics_at_the_first_validation(flavour: SimpleNamespace, tmp_path: Path) -> None:
+def test_unknown_soup_monitor_lists_the_logged_metrics_at_the_first_validation(
+    flavour: SimpleNamespace, tmp_path: Path
+) -> None:
     model = make_model(flavour.pl)
     cb = flavour.soup.GreedySoup(monitor="val/accuracy")
     with pytest.raises(SoupError) as info:
@@ -212,7 +220,11 @@ ANCHOR_CASES = {
     "missing-keys": ["net.3.weight", "net.3.bias"],
     "nan": ["NaN or infinite values in ['net.3.weight']", "Use a healthy checkpoint"],
     "inf": ["NaN or infinite values in ['net.3.weight']", "Use a healthy checkpoint"],
-    "ckpt-without-state_dict": ["no `state_dict` entry", "`epoch`, `global_step`", "Pass a checkpoint written by Lightning"],
+    "ckpt-without-state_dict": [
+        "no `state_dict` entry",
+        "`epoch`, `global_step`",
+        "Pass a checkpoint written by Lightning",
+    ],
 }
 
 
@@ -239,7 +251,9 @@ def test_bad_anchor_fails_before_the_first_training_step(tmp_path: Path, kind: s
 # -------------------------------------------------------------------------------------------------- the CLI
 
 
-def test_cli_incompatible_files_name_the_files_the_key_and_what_to_do(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_incompatible_files_name_the_files_the_key_and_what_to_do(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     import pytorch_lightning as pl
 
     a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
@@ -346,8 +360,9 @@ def test_blend_without_monitor_needs_no_validation(tmp_path: Path) -> None:
 
     model = make_model(pl)
     initial = weights(model)
-    pl.Trainer(callbacks=[soup.TaskArithmeticBlend(ratio=0.5)], **trainer_kwargs(tmp_path, max_epochs=1,
-               limit_val_batches=0)).fit(model)
+    pl.Trainer(
+        callbacks=[soup.TaskArithmeticBlend(ratio=0.5)], **trainer_kwargs(tmp_path, max_epochs=1, limit_val_batches=0)
+    ).fit(model)
     final = load_file(str(tmp_path / "soup" / "final.safetensors"))
     for k, v in weights(model).items():
         if v.is_floating_point():
@@ -385,7 +400,10 @@ def soup_callbacks(soup: Any, dirpath: Path) -> list:
 
 
 def snapshot_tree(folder: Path) -> dict[str, tuple[int, int]]:
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")} if folder.exists() else {}
+    """Every file and folder under ``folder`` with its size and modification time."""
+    if not folder.exists():
+        return {}
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
 @pytest.mark.parametrize("after_fit", [False, True])

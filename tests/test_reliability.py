@@ -140,7 +140,9 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline: Path, tmp_path: Path
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_killed_fresh_interpreter_resumes_like_the_rest(baseline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_fresh_interpreter_resumes_like_the_rest(
+    baseline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The worker as a plain script in a new interpreter (no fork): killed there, resumed in a forked child."""
     monkeypatch.setenv("SOUP_CRASH_SPAWN", "1")
     run_killed(tmp_path, kill_at="validation")
@@ -260,8 +262,11 @@ def tensors_in(obj: Any) -> list[torch.Tensor]:
 
 def test_checkpoint_holds_paths_and_counters_not_weights(baseline: Path) -> None:
     ckpt = torch.load(last_ckpt(baseline), weights_only=True)  # plain types: resumable with weights_only=True
-    states = {k: v for k, v in ckpt["callbacks"].items() if k.split("{")[0] in
-              ("CheckpointAveraging", "GreedySoup", "TaskArithmeticBlend")}
+    states = {
+        k: v
+        for k, v in ckpt["callbacks"].items()
+        if k.split("{")[0] in ("CheckpointAveraging", "GreedySoup", "TaskArithmeticBlend")
+    }
     assert len(states) == 3, list(ckpt["callbacks"])
     big = [(k, tuple(t.shape)) for k, v in states.items() for t in tensors_in(v) if t.numel() > 4]
     assert big == []
@@ -295,8 +300,9 @@ def test_disk_use_is_bounded_by_window_and_max_ingredients(tmp_path: Path, check
     if checkpointing:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
     model = make_model(pl)
-    kw = trainer_kwargs(tmp_path, max_epochs=epochs, limit_train_batches=1, limit_val_batches=1,
-                        enable_checkpointing=checkpointing)
+    kw = trainer_kwargs(
+        tmp_path, max_epochs=epochs, limit_train_batches=1, limit_val_batches=1, enable_checkpointing=checkpointing
+    )
     pl.Trainer(callbacks=callbacks, **kw).fit(model)
     dirpath = tmp_path / "soup"
     snapshots = sorted(p.name for p in (dirpath / "snapshots").iterdir())

@@ -58,16 +58,13 @@ def _warm_imports(flavour: str) -> None:
 
     from tests.crash.soup_worker import FLAVOURS
 
-    for name in FLAVOURS[flavour]:
+    for name in [*FLAVOURS[flavour], "lightning_soup.callbacks._report", "rich.console", "rich.table"]:
         importlib.import_module(name)
-    try:
-        import matplotlib.backends.backend_agg  # noqa: F401
-        import matplotlib.figure  # noqa: F401
-    except ImportError:
-        pass
-    import lightning_soup.callbacks._report  # noqa: F401
-    import rich.console  # noqa: F401
-    import rich.table  # noqa: F401
+    for name in ("matplotlib.figure", "matplotlib.backends.backend_agg"):  # the blend's plot, when installed
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _fork(out: Path, log: Path, timeout: float, **kwargs: Any) -> int:
@@ -119,7 +116,8 @@ def _spawn(out: Path, log: Path, timeout: float, **kwargs: Any) -> int:
         argv += ["--max-epochs", str(kwargs["max_epochs"])]
     if kwargs.get("flavour"):
         argv += ["--flavour", kwargs["flavour"]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
     with open(log, "wb") as f:
         proc = subprocess.Popen(argv, cwd=str(out), env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -49,9 +49,12 @@ from torch.utils.data import DataLoader, Sampler
 if __package__ in (None, ""):  # run as a script: make `tests._models` and `lightning_soup` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests._models import make_data, tiny_classifier_class  # noqa: E402
+from tests._models import make_data, tiny_classifier_class
 
-FLAVOURS = {"pytorch_lightning": ("pytorch_lightning", "lightning_soup"), "lightning": ("lightning.pytorch", "lightning_soup.lightning")}
+FLAVOURS = {
+    "pytorch_lightning": ("pytorch_lightning", "lightning_soup"),
+    "lightning": ("lightning.pytorch", "lightning_soup.lightning"),
+}
 KILL_POINTS = ("mid_epoch", "validation", "after_snapshot", "end_soup", "end_blend")
 MAX_EPOCHS = 3
 WINDOW = 2
@@ -134,8 +137,11 @@ def callback_classes(pl: Any) -> tuple[type, type]:
         def on_validation_batch_end(self, trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> None:
             batch_idx = args[2] if len(args) > 2 else kwargs["batch_idx"]
             if (
-                self.point == "validation" and not self.late and not trainer.sanity_checking
-                and trainer.current_epoch == 2 and batch_idx == 1
+                self.point == "validation"
+                and not self.late
+                and not trainer.sanity_checking
+                and trainer.current_epoch == 2
+                and batch_idx == 1
             ):
                 kill_now()
 
@@ -227,7 +233,8 @@ def run(
 
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, str(out / "module.safetensors"))
+    state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(out / "module.safetensors"))
     result = {"training_steps": model.training_steps, "global_step": trainer.global_step}
     (out / "result.json").write_text(json.dumps(result))
 
