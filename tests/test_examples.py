@@ -1,0 +1,248 @@
+"""The examples run end to end on reduced sizes, and every number they print is computed from the files written.
+
+The digits demo's table is checked against accuracies recomputed here with an independent float64 forward pass
+over each ``.safetensors`` file the callbacks wrote, on the test split; the blend file is checked against
+``base + r·(soup − base)`` in float64. The LM example and the LightningCLI config get smoke runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str) -> ModuleType:
+    """Import ``examples/<name>.py`` (the folder is not a package) once per session."""
+    module_name = f"_example_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, EXAMPLES / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """The examples use one intra-op thread (tiny models); restore the suite's setting afterwards."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One ``--quick`` run of the digits demo: its JSON, its folder and the module."""
+    before = torch.get_num_threads()
+    out = tmp_path_factory.mktemp("forgetting_digits")
+    demo = load_example("forgetting_digits")
+    try:
+        returned = demo.main(["--quick", "--out", str(out), "--json", str(out / "table.json"), "--no-progress"])
+    finally:
+        torch.set_num_threads(before)
+    table = json.loads((out / "table.json").read_text())
+    return {"out": out, "table": table, "returned": returned, "demo": demo}
+
+
+# ---------------------------------------------------------------------------------------- independent references
+def mlp_logits_float64(state: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """The digits MLP in eval mode, written out by hand in float64: Linear → BatchNorm → ReLU, twice, → Linear."""
+    s = {k: v.double() for k, v in state.items() if v.is_floating_point()}
+    h = x.double()
+    for linear, norm in (("net.0", "net.1"), ("net.3", "net.4")):
+        h = h @ s[f"{linear}.weight"].T + s[f"{linear}.bias"]
+        h = (h - s[f"{norm}.running_mean"]) / torch.sqrt(s[f"{norm}.running_var"] + 1e-5)
+        h = torch.relu(h * s[f"{norm}.weight"] + s[f"{norm}.bias"])
+    return h @ s["net.6.weight"].T + s["net.6.bias"]
+
+
+def accuracies(state: Mapping[str, torch.Tensor], splits: Mapping[str, Any]) -> dict[str, float]:
+    right, total = {}, {}
+    for task in ("old", "new"):
+        x, y = splits[f"{task}_test"].tensors
+        right[task] = int((mlp_logits_float64(state, x).argmax(1) == y).sum())
+        total[task] = len(y)
+    return {
+        "old_acc": right["old"] / total["old"],
+        "new_acc": right["new"] / total["new"],
+        "all_acc": (right["old"] + right["new"]) / (total["old"] + total["new"]),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------- digits demo
+@pytest.mark.slow
+def test_digits_table_structure(digits_run: dict[str, Any]) -> None:
+    table = digits_run["table"]
+    assert table == json.loads(json.dumps(digits_run["returned"]))  # --json writes what main returns
+    assert [row["method"] for row in table["rows"]] == ["base", "last", "best", "average", "soup", "blended"]
+    for row in table["rows"]:
+        for column in ("old_acc", "new_acc", "all_acc"):
+            assert isinstance(row[column], float) and 0.0 <= row[column] <= 1.0, (row["method"], column)
+        assert (digits_run["out"] / row["file"]).is_file()
+    assert len(table["verdicts"]) == 4
+    assert all(" vs " in line and "McNemar p=" in line for line in table["verdicts"])
+    assert (digits_run["out"] / "blend.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_digits_numbers_are_recomputed_from_the_files(digits_run: dict[str, Any]) -> None:
+    """Every row equals the accuracy of its own file on the test split, recomputed here in float64."""
+    out, table, demo = digits_run["out"], digits_run["table"], digits_run["demo"]
+    splits = demo.load_splits(table["seed"])
+    assert table["n_test"] == {"old": len(splits["old_test"]), "new": len(splits["new_test"])}
+    expected_files = {
+        "base": "base.safetensors",
+        "last": "final.safetensors",
+        "best": "best.safetensors",
+        "average": "average.safetensors",
+        "soup": "soup.safetensors",
+        "blended": "blended.safetensors",
+    }
+    for row in table["rows"]:
+        assert row["file"] == expected_files[row["method"]]
+        reference = accuracies(load_file(str(out / row["file"])), splits)
+        for column, value in reference.items():
+            assert row[column] == pytest.approx(value, abs=1e-9), (row["method"], column)
+
+
+@pytest.mark.slow
+def test_digits_story_holds(digits_run: dict[str, Any]) -> None:
+    """What the demo claims: the fine-tune forgets the old digits, the blend is base + r·(soup − base)."""
+    out, rows = digits_run["out"], {r["method"]: r for r in digits_run["table"]["rows"]}
+    assert rows["base"]["old_acc"] > 0.8 and rows["base"]["new_acc"] == 0.0  # the base never saw 5–9
+    assert rows["last"]["new_acc"] > 0.8 and rows["last"]["old_acc"] < 0.2  # forgetting
+    base, soup, blended = (load_file(str(out / f)) for f in ("base.safetensors", "soup.safetensors", "blended.safetensors"))
+    ratio = json.loads((out / "blend.json").read_text())["ratio"]
+    assert f"base + {ratio:g}·(soup − base)" in rows["blended"]["detail"]
+    for key, value in blended.items():
+        if value.is_floating_point():
+            expected = base[key].double() + ratio * (soup[key].double() - base[key].double())
+            torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=1e-6)
+        else:  # integer buffers (BatchNorm's num_batches_tracked) come from the trained weights, not the anchor
+            assert torch.equal(value, soup[key])
+    constraint = digits_run["table"]["constraint"]
+    threshold = float(constraint.split(">=")[1])
+    assert constraint.startswith("val/old_acc>=") and 0.5 < threshold < 1.0  # derived from the base, not fixed
+
+
+@pytest.mark.parametrize(
+    ("gained", "lost"), [(0, 0), (1, 0), (2, 0), (5, 1), (3, 3), (10, 2), (40, 22), (0, 9), (220, 146)]
+)
+def test_mcnemar_p_matches_a_binomial_test(gained: int, lost: int) -> None:
+    """The verdicts' exact McNemar p-value equals an exact two-sided binomial test on the discordant images."""
+    demo = load_example("forgetting_digits")
+    n = gained + lost
+    if n == 0:
+        assert demo.mcnemar_p(0, 0) == 1.0
+        return
+    k = min(gained, lost)
+    # Two-sided exact binomial(n, 1/2): the probability of outcomes at most as likely as the observed one.
+    probability = [math.comb(n, i) / 2**n for i in range(n + 1)]
+    expected = min(1.0, math.fsum(p for p in probability if p <= probability[k] * (1 + 1e-12)))
+    assert demo.mcnemar_p(gained, lost) == pytest.approx(expected, rel=1e-9)
+    assert demo.mcnemar_p(lost, gained) == demo.mcnemar_p(gained, lost)
+
+
+def test_digits_verdict_words() -> None:
+    """A verdict says helps/hurts only for a significant difference, and reports the raw counts."""
+    demo = load_example("forgetting_digits")
+    ones = {"old": torch.ones(100, dtype=torch.bool), "new": torch.ones(100, dtype=torch.bool)}
+    fewer = {"old": ones["old"], "new": torch.arange(100) >= 20}  # 20 new-digit images lost
+    one_less = {"old": ones["old"], "new": torch.arange(100) >= 1}
+    assert "helps on new digits (20 test images gained, 0 lost" in demo.verdict("a", ones, "b", fewer, "new")
+    assert "hurts on new digits (0 test images gained, 20 lost" in demo.verdict("b", fewer, "a", ones, "new")
+    assert "no significant difference" in demo.verdict("a", ones, "b", one_less, "new")
+
+
+@pytest.mark.slow
+def test_digits_demo_is_deterministic(digits_run: dict[str, Any], tmp_path: Path) -> None:
+    demo = digits_run["demo"]
+    before = torch.get_num_threads()
+    try:
+        again = demo.main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    finally:
+        torch.set_num_threads(before)
+    numbers = lambda table: [(r["method"], r["old_acc"], r["new_acc"], r["all_acc"]) for r in table["rows"]]  # noqa: E731
+    assert numbers(again) == numbers(digits_run["table"])
+
+
+# ---------------------------------------------------------------------------------------------------- LM example
+@pytest.mark.slow
+def test_lm_example_quick(tmp_path: Path, one_thread: None) -> None:
+    lm = load_example("forgetting_lm")
+    result = lm.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "t.json"), "--no-progress", "--threads", "1"])
+    assert [row["method"] for row in result["rows"]] == ["base", "last", "best", "average", "soup", "blended"]
+    for row in result["rows"]:
+        for column in ("old_loss", "new_loss", "mean_loss"):
+            assert math.isfinite(row[column]) and 0.0 < row[column] < math.log(256) + 1, (row["method"], column)
+        assert (tmp_path / row["file"]).is_file()
+    # The constraint is derived from the base's English validation loss: (1 + 0.1) × base, rounded up.
+    threshold = float(result["constraint"].removeprefix("val/old_loss<="))
+    assert result["constraint"].startswith("val/old_loss<=")
+    assert threshold == pytest.approx(1.1 * result["base_val_old_loss"], abs=2e-4)
+    assert threshold >= 1.1 * result["base_val_old_loss"]
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
+    assert len(result["verdicts"]) == 4
+
+
+def test_lm_data_splits_are_disjoint_and_cover_the_texts() -> None:
+    """Every document is split 80/10/10, so no test character is in the train or val text of its document."""
+    lm = load_example("forgetting_lm")
+    docs = ["a" * 100, "b" * 50 + "c" * 50]
+    splits = lm.split_documents(docs)
+    assert bytes(splits["train"].tolist()) == b"a" * 80 + b"\n\n" + b"b" * 50 + b"c" * 30
+    assert bytes(splits["val"].tolist()) == b"a" * 10 + b"\n\n" + b"c" * 10
+    assert bytes(splits["test"].tolist()) == b"a" * 10 + b"\n\n" + b"c" * 10
+    texts = lm.load_texts()
+    assert set(texts) == {f"{t}_{s}" for t in ("old", "new") for s in ("train", "val", "test")}
+    assert all(len(v) > 10_000 for v in texts.values())
+
+
+# ---------------------------------------------------------------------------------------------- LightningCLI config
+def test_lightning_cli_config(tmp_path: Path, one_thread: None) -> None:
+    """`lightning_cli.py fit --config examples/config.yaml` builds the three callbacks from YAML and runs them."""
+    import lightning_soup
+
+    torch.set_num_threads(1)
+    cli = load_example("lightning_cli").main(
+        [
+            "fit",
+            "--config", str(EXAMPLES / "config.yaml"),
+            "--pretrain_epochs=2",
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=4",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+            f"--trainer.default_root_dir={tmp_path}",
+        ]
+    )  # fmt: skip
+    kinds = {type(c).__name__: c for c in cli.trainer.callbacks}
+    assert isinstance(kinds["CheckpointAveraging"], lightning_soup.CheckpointAveraging)
+    assert isinstance(kinds["GreedySoup"], lightning_soup.GreedySoup)
+    blend = kinds["TaskArithmeticBlend"]
+    assert isinstance(blend, lightning_soup.TaskArithmeticBlend)
+    assert blend.monitor == "val/new_acc" and len(blend.ratios) == 11 and [str(b) for b in blend.constraint] == [
+        "val/old_acc>=0.85"
+    ]
+    soup = tmp_path / "soup"
+    for name in ("average.safetensors", "soup.safetensors", "soup.json", "blended.safetensors", "blend.json"):
+        assert (soup / name).is_file(), name
+    # The model ends with the blend, and the blend's anchor is the pretrained model (it knows the old digits).
+    blended = load_file(str(soup / "blended.safetensors"))
+    for key, value in cli.model.state_dict().items():
+        assert torch.equal(value.cpu(), blended[key]), key
+    report = json.loads((soup / "blend.json").read_text())
+    assert report["candidates"][0]["metrics"]["val/old_acc"] > 0.8
