@@ -231,6 +231,8 @@ def test_sigkill_mid_write_keeps_the_previous_file(baseline: Path, tmp_path: Pat
         assert_equals_uninterrupted(tmp_path, baseline)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_kill_mid_write_without_previous_file_leaves_no_file(tmp_path: Path) -> None:
     """Without a previous version, the final name does not exist after a kill mid-write (no partial file)."""
     target = "ingredients/epoch=0-step=6.safetensors"
