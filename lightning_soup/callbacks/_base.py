@@ -75,6 +75,10 @@ class SoupCallback:
             SoupError: the strategy is not supported, or ``dirpath`` cannot be created or written.
         """
         check_strategy(trainer, self)
+        # A new fit: forget the previous fit's end-of-fit marks (see `on_fit_end`, `save_final_weights`).
+        scratch = trainer.__dict__.setdefault(_SCRATCH, {})
+        for key in ("final", "train_end_skipped"):
+            scratch.pop(key, None)
         path = self.dirpath_for(trainer)
         problem = None
         if trainer.is_global_zero:
@@ -89,6 +93,60 @@ class SoupCallback:
         if problem is not None:
             raise SoupError(problem)
         return path
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        """Finish a resumed fit whose checkpoint was saved after training had already finished.
+
+        ``ModelCheckpoint`` saves the last epoch's checkpoint in ``on_train_epoch_end``, before ``on_train_end``
+        builds the average, the soup or the blend. A run killed after that checkpoint and resumed from it does not
+        train: Lightning sees the finished fit loop and skips it, with ``on_train_start`` and ``on_train_end``. Here,
+        after the strategy's teardown, the callback runs its own ``on_train_start`` and ``on_train_end`` on the
+        trainer's device, so the resumed fit ends with the same files and weights as an uninterrupted one.
+        """
+        if not is_fitting(trainer) or trainer.ckpt_path is None:
+            return
+        scratch = trainer.__dict__.setdefault(_SCRATCH, {})
+        # Decided once per fit by the first soup callback here, before any of them finishes: every soup callback's
+        # on_train_end starts with save_final_weights, which leaves "final" in the scratch.
+        if not scratch.setdefault("train_end_skipped", "final" not in scratch):
+            return
+        _finish_skipped_fit(self, trainer, pl_module)
+
+
+def _finish_skipped_fit(callback: Any, trainer: Any, pl_module: Any) -> None:
+    """Run ``callback``'s ``on_train_start`` and ``on_train_end`` after the strategy's teardown. Every rank calls it.
+
+    Teardown moved a replicated module back to the CPU (DDP also drops its wrapper) but keeps the process group,
+    which the end-of-fit collectives and the validation passes need; a sharded (FSDP2) module stays on its devices.
+    The module goes to the trainer's device for the work and back to where teardown left it after.
+    """
+    import torch.distributed as dist
+
+    name = type(callback).__name__.lstrip("_")
+    if world_size(trainer) > 1 and not (dist.is_available() and dist.is_initialized()):
+        warn_on_rank_zero(
+            trainer,
+            f"{name}: the end-of-fit work did not run because training had already finished in the checkpoint "
+            f"{str(trainer.ckpt_path)!r} and the process group is gone. Run it offline with the `lightning-soup` CLI "
+            "on the files in its `dirpath`.",
+        )
+        return
+    root = torch.device(trainer.strategy.root_device)
+    previous = next((t.device for t in module_tensors(pl_module).values()), root)
+    move = not is_sharded(pl_module) and previous != root
+    print_on_rank_zero(
+        trainer,
+        f"{name}: training had already finished in the checkpoint {str(trainer.ckpt_path)!r}, saved before the end "
+        "of fit; running the end-of-fit work now.",
+    )
+    if move:
+        pl_module.to(root)
+    try:
+        callback.on_train_start(trainer, pl_module)
+        callback.on_train_end(trainer, pl_module)
+    finally:
+        if move:
+            pl_module.to(previous)
 
 
 def _check_writable_dir(path: Path, argument: str = "`dirpath`") -> str | None:
