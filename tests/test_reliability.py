@@ -107,18 +107,10 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # ------------------------------------------------------------------------------------------- crash and resume
 
 
-# Killed after the last checkpoint (ModelCheckpoint saves in the last epoch's `on_train_epoch_end`, before
+# Killed after the last checkpoint (`end_*`: ModelCheckpoint saves in the last epoch's `on_train_epoch_end`, before
 # `on_train_end`), a run resumes from a checkpoint whose fit loop is finished: Lightning skips the loop and with it
-# `on_train_start`/`on_train_end`, so the soup and the blend are never built, and nothing says so. Reported.
-AFTER_LAST_CHECKPOINT = pytest.mark.xfail(
-    strict=True,
-    raises=FileNotFoundError,  # soup.safetensors / blended.safetensors were never written
-    reason="resuming a run killed after its last checkpoint: Lightning skips the finished fit loop, so the "
-    "callbacks' on_train_end never runs and soup/blended are not written (needs an on_fit_end fallback)",
-)
-CRASH_POINTS = [
-    pytest.param(p, marks=AFTER_LAST_CHECKPOINT) if p.startswith("end_") else p for p in soup_worker.KILL_POINTS
-]
+# `on_train_start`/`on_train_end`; the callbacks then finish the end-of-fit work in `on_fit_end`.
+CRASH_POINTS = list(soup_worker.KILL_POINTS)
 
 
 @pytest.mark.slow
@@ -136,6 +128,18 @@ def test_sigkill_then_resume_equals_uninterrupted(baseline: Path, tmp_path: Path
     initial = initial_weights()
     assert anchor.keys() == initial.keys()
     assert all(torch.equal(anchor[k], initial[k]) for k in initial)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_killed_writing_the_average_resumes_to_the_same_files(baseline: Path, tmp_path: Path) -> None:
+    """Killed in CheckpointAveraging's end-of-fit write, after the last checkpoint: the resumed fit writes it all."""
+    run_killed(tmp_path, kill_at="write:average.safetensors")
+    assert not (soup_dir(tmp_path) / "average.safetensors").exists()
+    assert not (soup_dir(tmp_path) / "soup.safetensors").exists()
+    assert torch.load(last_ckpt(tmp_path), weights_only=True)["global_step"] == 18  # the finished run's checkpoint
+    run_ok(tmp_path, resume=True)
+    assert_equals_uninterrupted(tmp_path, baseline)
 
 
 @pytest.mark.slow
