@@ -128,8 +128,8 @@ def _finish_skipped_fit(callback: Any, trainer: Any, pl_module: Any) -> None:
             trainer,
             f"{name}: the end-of-fit work did not run because training had already finished in the checkpoint "
             f"{str(trainer.ckpt_path)!r} and the strategy's teardown destroyed the process group, so no output file "
-            "was written and the module keeps its trained weights. Combine the snapshots, ingredients or anchor kept in "
-            "`dirpath` offline with the `lightning-soup` CLI.",
+            "was written and the module keeps its trained weights. Combine the snapshots, ingredients or anchor kept "
+            "in `dirpath` offline with the `lightning-soup` CLI.",
         )
         return
     root = torch.device(trainer.strategy.root_device)
