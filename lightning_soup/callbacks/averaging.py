@@ -202,6 +202,7 @@ class _SnapshotStore:
             floats = [host[i] for i in self._float_index]
         else:
             self.flush()
+            self._spare = None  # at most one snapshot read at a time
             state = storage.load_state_dict(self.directory / name)
             floats = [state[k] for k in self.float_keys]
             if not self._pin:
@@ -233,6 +234,7 @@ class _SnapshotStore:
                 event.synchronize()
             return dict(zip(self.keys, self._ram[name]))
         self.flush()
+        self._spare = None
         return storage.load_state_dict(self.directory / name)
 
     def persist(self, names: Sequence[str], recipes: Mapping[str, Mapping[str, Any]]) -> None:
