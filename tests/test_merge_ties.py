@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
@@ -10,6 +11,8 @@ from _merge_helpers import FLOAT_KEYS, INT_KEYS, acc_of, assert_rounded, f64, ra
 
 from lightning_soup import SoupError
 from lightning_soup.merge import ties
+
+ties_module = importlib.import_module("lightning_soup.merge.ties")
 
 
 def test_hand_worked_example() -> None:
@@ -74,6 +77,28 @@ def test_deterministic() -> None:
     fts = [{"w": torch.randint(-3, 4, (1000,)).float()} for _ in range(3)]  # many ties in magnitude
     a, b = ties(base, fts, 0.1), ties(base, fts, 0.1)
     assert torch.equal(a["w"], b["w"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("slice_size", [7, 1 << 20])
+def test_tied_magnitudes_keep_exactly_k_lowest_indices(monkeypatch, dtype, slice_size) -> None:
+    # magnitudes 1..4 only: the cut falls inside a run of equal magnitudes, which spans many slices when the
+    # slices are 7 entries long; exactly k entries are kept, the lowest flat indices among the tied ones
+    monkeypatch.setattr(ties_module, "_SLICE", slice_size)
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randint(-8, 8, (40, 25), generator=g).to(dtype)}
+    values = torch.tensor([-4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0])
+    fts = [{"w": base["w"] + values[torch.randint(0, 8, (40, 25), generator=g)].to(dtype)} for _ in range(3)]
+    for density in (0.1, 0.37, 0.5, 0.999):
+        k = max(1, math.floor(density * 1000))
+        kept = ties(base, fts[:1], density)["w"] != base["w"]  # one task vector: the kept entries are the nonzero
+        assert int(kept.sum()) == k
+        out = ties(base, fts, density, scale=0.5)["w"]
+        ref = _reference(base["w"], [ft["w"] for ft in fts], density, 0.5)
+        assert out.dtype == dtype
+        # a different choice of kept entries moves an output by >= 0.5/3; this only allows rounding
+        atol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 0.05}[dtype]
+        torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(
