@@ -186,8 +186,9 @@ def test_predictions(
 
 
 def accuracy_row(hits: Mapping[str, Tensor]) -> dict[str, float]:
-    row = {f"{task}_acc": hits[task].float().mean().item() for task in TASKS}
-    row["all_acc"] = torch.cat([hits[t] for t in TASKS]).float().mean().item()
+    row = {f"{task}_acc": int(hits[task].sum()) / len(hits[task]) for task in TASKS}
+    every = torch.cat([hits[t] for t in TASKS])
+    row["all_acc"] = int(every.sum()) / len(every)
     return row
 
 
@@ -208,12 +209,21 @@ def verdict(name: str, hits: Mapping[str, Tensor], ref_name: str, ref: Mapping[s
     gained, lost = int((mine & ~theirs).sum()), int((~mine & theirs).sum())
     p = mcnemar_p(gained, lost)
     word = "no significant difference" if p >= SIGNIFICANCE else ("helps" if gained > lost else "hurts")
-    points = {t: 100 * (hits[t].float().mean() - ref[t].float().mean()).item() for t in TASKS}
+    points = {t: 100 * (int(hits[t].sum()) - int(ref[t].sum())) / len(hits[t]) for t in TASKS}
     return (
         f"{name} vs {ref_name}: {word} on {'all' if on == 'all' else 'new'} digits "
         f"({gained} test images gained, {lost} lost, McNemar p={p:.2g}); "
         f"old {points['old']:+.1f} pts, new {points['new']:+.1f} pts"
     )
+
+
+def trade_off(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """How much of the soup's forgetting the blend undid, and how much of its gain it kept (test accuracy)."""
+    base, soup, blended = rows["base"], rows["soup"], rows["blended"]
+    forgot, gained = base["old_acc"] - soup["old_acc"], soup["new_acc"] - base["new_acc"]
+    recovered = f"{(blended['old_acc'] - soup['old_acc']) / forgot:.0%}" if forgot > 0 else "n/a (nothing forgotten)"
+    kept = f"{(blended['new_acc'] - base['new_acc']) / gained:.0%}" if gained > 0 else "n/a (nothing gained)"
+    return f"recovers {recovered} of the soup's old-digit forgetting and keeps {kept} of its new-digit gain"
 
 
 def render_table(rows: Mapping[str, Mapping[str, Any]], title: str) -> Table:
@@ -346,7 +356,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         verdict("best checkpoint", hits["best"], "last", hits["last"], "new"),
         verdict("average", hits["average"], "last", hits["last"], "new"),
         verdict("greedy soup", hits["soup"], "best checkpoint", hits["best"], "new"),
-        verdict("blended", hits["blended"], "greedy soup", hits["soup"], "all"),
+        verdict("blended", hits["blended"], "greedy soup", hits["soup"], "all") + "; " + trade_off(rows),
     ]
     wall = time.perf_counter() - start
 

@@ -124,7 +124,7 @@ def test_digits_story_holds(digits_run: dict[str, Any]) -> None:
     out, rows = digits_run["out"], {r["method"]: r for r in digits_run["table"]["rows"]}
     assert rows["base"]["old_acc"] > 0.8 and rows["base"]["new_acc"] == 0.0  # the base never saw 5–9
     assert rows["last"]["new_acc"] > 0.8 and rows["last"]["old_acc"] < 0.2  # forgetting
-    base, soup, blended = (load_file(str(out / f)) for f in ("base.safetensors", "soup.safetensors", "blended.safetensors"))
+    base, soup, blended = (load_file(str(out / f"{name}.safetensors")) for name in ("base", "soup", "blended"))
     ratio = json.loads((out / "blend.json").read_text())["ratio"]
     assert f"base + {ratio:g}·(soup − base)" in rows["blended"]["detail"]
     for key, value in blended.items():
@@ -167,6 +167,20 @@ def test_digits_verdict_words() -> None:
     assert "no significant difference" in demo.verdict("a", ones, "b", one_less, "new")
 
 
+def test_digits_trade_off_line() -> None:
+    demo = load_example("forgetting_digits")
+    rows = {
+        "base": {"old_acc": 0.98, "new_acc": 0.0},
+        "soup": {"old_acc": 0.0, "new_acc": 0.96},
+        "blended": {"old_acc": 0.735, "new_acc": 0.24},
+    }
+    assert demo.trade_off(rows) == (
+        "recovers 75% of the soup's old-digit forgetting and keeps 25% of its new-digit gain"
+    )
+    rows["soup"]["old_acc"] = 0.99  # nothing forgotten: no ratio to report
+    assert "n/a (nothing forgotten)" in demo.trade_off(rows)
+
+
 @pytest.mark.slow
 def test_digits_demo_is_deterministic(digits_run: dict[str, Any], tmp_path: Path) -> None:
     demo = digits_run["demo"]
@@ -175,7 +189,9 @@ def test_digits_demo_is_deterministic(digits_run: dict[str, Any], tmp_path: Path
         again = demo.main(["--quick", "--out", str(tmp_path), "--no-progress"])
     finally:
         torch.set_num_threads(before)
-    numbers = lambda table: [(r["method"], r["old_acc"], r["new_acc"], r["all_acc"]) for r in table["rows"]]  # noqa: E731
+    def numbers(table: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        return [(r["method"], r["old_acc"], r["new_acc"], r["all_acc"]) for r in table["rows"]]
+
     assert numbers(again) == numbers(digits_run["table"])
 
 
@@ -183,17 +199,17 @@ def test_digits_demo_is_deterministic(digits_run: dict[str, Any], tmp_path: Path
 @pytest.mark.slow
 def test_lm_example_quick(tmp_path: Path, one_thread: None) -> None:
     lm = load_example("forgetting_lm")
-    result = lm.main(["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "t.json"), "--no-progress", "--threads", "1"])
+    argv = ["--quick", "--out", str(tmp_path), "--json", str(tmp_path / "t.json"), "--no-progress", "--threads", "1"]
+    result = lm.main(argv)
     assert [row["method"] for row in result["rows"]] == ["base", "last", "best", "average", "soup", "blended"]
     for row in result["rows"]:
         for column in ("old_loss", "new_loss", "mean_loss"):
             assert math.isfinite(row[column]) and 0.0 < row[column] < math.log(256) + 1, (row["method"], column)
         assert (tmp_path / row["file"]).is_file()
-    # The constraint is derived from the base's English validation loss: (1 + 0.1) × base, rounded up.
+    # The constraint is derived from the base's English validation loss (no worse than the base, rounded up).
     threshold = float(result["constraint"].removeprefix("val/old_loss<="))
     assert result["constraint"].startswith("val/old_loss<=")
-    assert threshold == pytest.approx(1.1 * result["base_val_old_loss"], abs=2e-4)
-    assert threshold >= 1.1 * result["base_val_old_loss"]
+    assert result["base_val_old_loss"] <= threshold <= result["base_val_old_loss"] + 1e-4
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert len(result["verdicts"]) == 4
 
@@ -212,11 +228,14 @@ def test_lm_data_splits_are_disjoint_and_cover_the_texts() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- LightningCLI config
-def test_lightning_cli_config(tmp_path: Path, one_thread: None) -> None:
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # jsonargparse deprecations inside LightningCLI
+@pytest.mark.filterwarnings("ignore:.*LeafSpec.*")  # pytorch_lightning vs torch 2.13's pytree
+def test_lightning_cli_config(tmp_path: Path, one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
     """`lightning_cli.py fit --config examples/config.yaml` builds the three callbacks from YAML and runs them."""
     import lightning_soup
 
     torch.set_num_threads(1)
+    monkeypatch.setattr(sys, "argv", ["lightning_cli.py"])  # the arguments come from `args`, not pytest's argv
     cli = load_example("lightning_cli").main(
         [
             "fit",
