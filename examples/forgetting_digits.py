@@ -212,7 +212,7 @@ def verdict(name: str, hits: Mapping[str, Tensor], ref_name: str, ref: Mapping[s
     points = {t: 100 * (int(hits[t].sum()) - int(ref[t].sum())) / len(hits[t]) for t in TASKS}
     return (
         f"{name} vs {ref_name}: {word} on {'all' if on == 'all' else 'new'} digits "
-        f"({gained} test images gained, {lost} lost, McNemar p={p:.2g}); "
+        f"(test images +{gained}/−{lost}, McNemar p={p:.2g}); "
         f"old {points['old']:+.1f} pts, new {points['new']:+.1f} pts"
     )
 

@@ -162,8 +162,8 @@ def test_digits_verdict_words() -> None:
     ones = {"old": torch.ones(100, dtype=torch.bool), "new": torch.ones(100, dtype=torch.bool)}
     fewer = {"old": ones["old"], "new": torch.arange(100) >= 20}  # 20 new-digit images lost
     one_less = {"old": ones["old"], "new": torch.arange(100) >= 1}
-    assert "helps on new digits (20 test images gained, 0 lost" in demo.verdict("a", ones, "b", fewer, "new")
-    assert "hurts on new digits (0 test images gained, 20 lost" in demo.verdict("b", fewer, "a", ones, "new")
+    assert "helps on new digits (test images +20/−0, McNemar p=1.9e-06)" in demo.verdict("a", ones, "b", fewer, "new")
+    assert "hurts on new digits (test images +0/−20" in demo.verdict("b", fewer, "a", ones, "new")
     assert "no significant difference" in demo.verdict("a", ones, "b", one_less, "new")
 
 
@@ -212,6 +212,19 @@ def test_lm_example_quick(tmp_path: Path, one_thread: None) -> None:
     assert result["base_val_old_loss"] <= threshold <= result["base_val_old_loss"] + 1e-4
     assert json.loads((tmp_path / "t.json").read_text())["rows"] == json.loads(json.dumps(result["rows"]))
     assert len(result["verdicts"]) == 4
+
+
+def test_lm_verdict_words() -> None:
+    """Paired per-window differences: a consistent drop in loss helps, identical losses are no difference."""
+    lm = load_example("forgetting_lm")
+    ref = {task: torch.linspace(1.0, 2.0, 64, dtype=torch.float64) + shift for task, shift in (("old", 0.5), ("new", 0))}
+    noise = 0.01 * torch.sin(torch.arange(64, dtype=torch.float64))
+    better = {"old": ref["old"], "new": ref["new"] - 0.05 + noise}
+    assert lm.verdict("a", better, "b", ref, "new").startswith("a vs b: helps on Python (Δloss -0.0500")
+    assert lm.verdict("b", ref, "a", better, "new").startswith("b vs a: hurts on Python")
+    assert "no significant difference" in lm.verdict("a", ref, "b", ref, "both")
+    tiny = {"old": ref["old"], "new": ref["new"] + noise}  # zero-mean differences
+    assert "no significant difference" in lm.verdict("a", tiny, "b", ref, "new")
 
 
 def test_lm_data_splits_are_disjoint_and_cover_the_texts() -> None:
