@@ -217,7 +217,8 @@ def test_lm_example_quick(tmp_path: Path, one_thread: None) -> None:
 def test_lm_verdict_words() -> None:
     """Paired per-window differences: a consistent drop in loss helps, identical losses are no difference."""
     lm = load_example("forgetting_lm")
-    ref = {task: torch.linspace(1.0, 2.0, 64, dtype=torch.float64) + shift for task, shift in (("old", 0.5), ("new", 0))}
+    ramp = torch.linspace(1.0, 2.0, 64, dtype=torch.float64)
+    ref = {"old": ramp + 0.5, "new": ramp}
     noise = 0.01 * torch.sin(torch.arange(64, dtype=torch.float64))
     better = {"old": ref["old"], "new": ref["new"] - 0.05 + noise}
     assert lm.verdict("a", better, "b", ref, "new").startswith("a vs b: helps on Python (Δloss -0.0500")
