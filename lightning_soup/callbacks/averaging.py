@@ -316,10 +316,10 @@ class _CheckpointAveraging(_base.SoupCallback):
         >>> averaging = CheckpointAveraging(window=3, every_n_train_steps=100)  # Trainer(callbacks=[averaging])
         >>> averaging.state_key
         "CheckpointAveraging{'window': 3, 'every_n_epochs': 1, 'every_n_train_steps': 100, 'dirpath': None}"
-        >>> CheckpointAveraging(window=0, snapshots="gpu")
+        >>> CheckpointAveraging(window=0, snapshots="gpu")  # doctest: +ELLIPSIS
         Traceback (most recent call last):
             ...
-        lightning_soup.errors.SoupError: Invalid CheckpointAveraging arguments: `window` must be an int >= 1, got 0; `snapshots` can be 'disk' or 'cpu', got 'gpu'.
+        lightning_soup.errors.SoupError: Invalid CheckpointAveraging arguments: `window` must be an int >= 1, got 0; ...
     """
 
     _produces_weights = True
@@ -428,15 +428,14 @@ class _CheckpointAveraging(_base.SoupCallback):
                 "is disabled (`Trainer(limit_val_batches=0)`). Enable validation or set `validate_average=False`."
             )
         self._dir = self.prepare_dirpath(trainer)
-        if trainer.is_global_zero:
-            (self._dir / _SNAPSHOT_DIR).mkdir(exist_ok=True)
-            storage.remove_stale_temp_files(self._dir / _SNAPSHOT_DIR)  # half-written snapshots of a dead run
+        if _base.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own folder) when sharded
+            storage.remove_stale_temp_files(self._snapshot_dir(trainer, pl_module))  # half-written snapshots of a dead run
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        snapshot_dir = self._snapshot_dir(trainer)
-        problem = None
-        if trainer.is_global_zero:
+        problem, snapshot_dir = None, None
+        if _base.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own shards) when sharded
+            snapshot_dir = self._snapshot_dir(trainer, pl_module)
             missing = [r["file"] for r in self._records if not (snapshot_dir / r["file"]).is_file()]
             if missing:
                 problem = (
@@ -444,10 +443,8 @@ class _CheckpointAveraging(_base.SoupCallback):
                     f"{str(snapshot_dir)!r}: {missing}. Restore them, pass the `dirpath` the run used, or start "
                     "the average afresh by removing this callback's state from the checkpoint."
                 )
-        problem = trainer.strategy.broadcast(problem)
-        if problem is not None:
-            raise SoupError(problem)
-        if trainer.is_global_zero:
+        _base.raise_on_every_rank(trainer, problem)
+        if snapshot_dir is not None:
             self._store = _SnapshotStore(snapshot_dir, self.snapshots, _base.module_tensors(pl_module))
             if self._records:
                 self._store.rebuild([r["file"] for r in self._records])
@@ -473,10 +470,13 @@ class _CheckpointAveraging(_base.SoupCallback):
         self._snapshot(trainer, pl_module, on_epoch=True)
 
     @override
-    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         # The checkpoint names the window's files: they must be complete on disk before it is.
         if self._store is not None:
-            self._store.persist([r["file"] for r in self._records], {r["file"]: self._file_recipe(r) for r in self._records})
+            recipes = {r["file"]: self._file_recipe(r) for r in self._records}
+            self._store.persist(list(recipes), recipes)
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -497,10 +497,8 @@ class _CheckpointAveraging(_base.SoupCallback):
                 self._load_average_(pl_module)
             except Exception as e:  # e.g. a snapshot file removed or unreadable: tell every rank, not only this one
                 problem, error = f"CheckpointAveraging could not compute the average: {e}", e
-        # Every rank learns whether rank zero succeeded before entering the next collective, so none waits forever.
-        problem = trainer.strategy.broadcast(problem)
-        if problem is not None:
-            raise SoupError(problem) from error
+        # Every rank learns whether every owner succeeded before entering the next collective, so none waits forever.
+        _base.raise_on_every_rank(trainer, problem, error)
         _base.broadcast_module_(trainer, pl_module)
         self.average_path = _base.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
         if self.verbose:
@@ -533,8 +531,10 @@ class _CheckpointAveraging(_base.SoupCallback):
             _inplace.assign_([live[k] for k in integer], list(integer.values()))
         self._close_store()
 
-    def _snapshot_dir(self, trainer: Any) -> Path:
-        return (self._dir if self._dir is not None else self.dirpath_for(trainer)) / _SNAPSHOT_DIR
+    def _snapshot_dir(self, trainer: Any, pl_module: Any) -> Path:
+        """``dirpath/snapshots`` (rank zero's) under DDP, ``dirpath/snapshots/rank{R}`` (this rank's shards) when sharded."""
+        root = self._dir if self._dir is not None else self.dirpath_for(trainer)
+        return _base.rank_dir(trainer, pl_module, root, _SNAPSHOT_DIR)
 
     def _snapshot(self, trainer: Any, pl_module: Any, on_epoch: bool) -> None:
         record = {
