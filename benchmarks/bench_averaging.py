@@ -77,12 +77,14 @@ def make_module(width: int, depth: int, n_train: int, batch_size: int, seed: int
 
         def train_dataloader(self) -> DataLoader:
             g = torch.Generator().manual_seed(1)
-            data = TensorDataset(torch.randn(n_train, width, generator=g), torch.randint(0, 10, (n_train,), generator=g))
+            x, y = torch.randn(n_train, width, generator=g), torch.randint(0, 10, (n_train,), generator=g)
+            data = TensorDataset(x, y)
             return DataLoader(data, batch_size=batch_size, shuffle=True)
 
         def val_dataloader(self) -> DataLoader:
             g = torch.Generator().manual_seed(2)
-            data = TensorDataset(torch.randn(2 * batch_size, width, generator=g), torch.randint(0, 10, (2 * batch_size,), generator=g))
+            n = 2 * batch_size
+            data = TensorDataset(torch.randn(n, width, generator=g), torch.randint(0, 10, (n,), generator=g))
             return DataLoader(data, batch_size=batch_size)
 
     torch.manual_seed(seed)
@@ -382,12 +384,12 @@ def bench_memory(args: argparse.Namespace) -> dict[str, Any]:
         common += ["--threads", str(args.threads)]
     epochs = 18  # window + 2 for the largest window
     model_mb = sum(p.numel() * 4 for p in make_module(args.width, args.depth, 8, 8).state_dict().values()) / 1e6
-    base = _peak_rss_anon_mb([sys.executable, script, *common, "--memory-epochs", str(epochs), "--memory-child", "0", "none"])
+    child = [sys.executable, script, *common, "--memory-epochs", str(epochs), "--memory-child"]
+    base = _peak_rss_anon_mb([*child, "0", "none"])
     rows = []
     for mode in ("disk", "cpu"):
         for window in (2, 16):
-            argv = [sys.executable, script, *common, "--memory-epochs", str(epochs), "--memory-child", str(window), mode]
-            peak = _peak_rss_anon_mb(argv)
+            peak = _peak_rss_anon_mb([*child, str(window), mode])
             rows.append({"case": f"{mode} window={window}", "peak_rss_anon_mb": peak, "extra_mb": peak - base})
     return {"model_mb": model_mb, "plain_peak_rss_anon_mb": base, "runs": rows}
 

@@ -128,7 +128,9 @@ def test_state_key_names_window_schedule_and_dirpath() -> None:
 
 
 @pytest.mark.parametrize(("window", "every_n_epochs"), [(3, 1), (4, 2)])  # (4, 2): window > snapshots taken
-def test_epoch_schedule_equals_mean_of_captured_snapshots(flavour: Any, tmp_path: Path, window: int, every_n_epochs: int) -> None:
+def test_epoch_schedule_equals_mean_of_captured_snapshots(
+    flavour: Any, tmp_path: Path, window: int, every_n_epochs: int
+) -> None:
     capture = capture_class(flavour.pl)(every_n_epochs=every_n_epochs)
     averaging = flavour.soup.CheckpointAveraging(window=window, every_n_epochs=every_n_epochs, verbose=False)
     model, _ = fit(flavour, tmp_path, [capture, averaging], max_epochs=5, num_sanity_val_steps=2)
@@ -328,7 +330,8 @@ def test_crash_and_resume_equals_uninterrupted(flavour: Any, tmp_path: Path, sna
         ]
 
     straight = no_shuffle_model(flavour)
-    fit(flavour, tmp_path / "a", callbacks(tmp_path / "a"), model=straight, max_epochs=5, enable_checkpointing=True, **extra)
+    fit(flavour, tmp_path / "a", callbacks(tmp_path / "a"), model=straight, max_epochs=5, enable_checkpointing=True,
+        **extra)
 
     root = tmp_path / "b"
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -473,4 +476,5 @@ def test_ddp_two_processes(tmp_path: Path, free_port: int) -> None:
     assert_average(written, expected)
     # Files are written once, by rank zero: three window snapshots, the average and the raw final weights.
     assert len(list((tmp_path / "soup" / "snapshots").iterdir())) == 3
-    assert sorted(p.name for p in (tmp_path / "soup").iterdir()) == ["average.safetensors", "final.safetensors", "snapshots"]
+    written_names = sorted(p.name for p in (tmp_path / "soup").iterdir())
+    assert written_names == ["average.safetensors", "final.safetensors", "snapshots"]
