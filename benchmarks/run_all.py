@@ -27,12 +27,22 @@ HERE = Path(__file__).resolve().parent
 
 # Extra arguments per benchmark for --quick runs (smaller sizes, fewer repeats).
 QUICK_ARGS: dict[str, list[str]] = {
-    "merge": ["--size-gb", "0.1", "--repeats", "2"],
+    "merge": ["--size-gb", "0.1", "--hidden", "512", "--repeats", "2"],
     "averaging": ["--quick"],
     "greedy_soup": ["--quick"],
-    "cli_memory": ["--quick"],
-    "mergekit": ["--quick"],
+    "cli_memory": ["--size-mb", "32"],
+    "mergekit": ["--hidden", "256", "--layers", "2", "--vocab", "2000", "--repeat", "1"],
 }
+# Benchmarks whose ``--json`` is a flag that prints the figures on stdout instead of writing a file.
+JSON_ON_STDOUT = frozenset({"cli_memory", "mergekit"})
+# Timings are quoted with one intra-op thread where a benchmark supports it (steadier on shared machines).
+DEFAULT_ARGS: dict[str, list[str]] = {"averaging": ["--threads", "1"]}
+
+
+def _last_json(text: str) -> Any:
+    """The last top-level JSON object printed in ``text``."""
+    start = text.rfind("\n{")
+    return json.loads(text[start + 1 :] if start >= 0 else text[text.index("{") :])
 
 
 def _machine() -> dict[str, str]:
@@ -110,18 +120,22 @@ def main(argv: list[str] | None = None) -> int:
         for script in scripts:
             name = script.stem.removeprefix("bench_")
             out = Path(tmp) / f"{name}.json"
-            cmd = [sys.executable, str(script), "--json", str(out)]
+            stdout_json = name in JSON_ON_STDOUT
+            cmd = [sys.executable, str(script), "--json"] + ([] if stdout_json else [str(out)])
+            cmd += DEFAULT_ARGS.get(name, [])
             if args.quick:
                 cmd += QUICK_ARGS.get(name, [])
             if args.device and "--device" in script.read_text():
                 cmd += ["--device", args.device]
             print(f"$ {' '.join(cmd)}", flush=True)
             start = time.perf_counter()
-            proc = subprocess.run(cmd, cwd=HERE.parent)
-            if proc.returncode != 0 or not out.exists():
-                results[name] = {"error": f"exit code {proc.returncode}"}
-            else:
-                results[name] = json.loads(out.read_text())
+            proc = subprocess.run(cmd, cwd=HERE.parent, stdout=subprocess.PIPE if stdout_json else None, text=True)
+            try:
+                if proc.returncode != 0:
+                    raise RuntimeError(f"exit code {proc.returncode}")
+                results[name] = _last_json(proc.stdout) if stdout_json else json.loads(out.read_text())
+            except (RuntimeError, ValueError, OSError) as e:
+                results[name] = {"error": str(e)}
             print(f"  {name}: {time.perf_counter() - start:.1f} s", flush=True)
 
     text = render(_machine(), results)
