@@ -74,6 +74,8 @@ def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
         for i, v in enumerate(value):
             label = v.get("name") or v.get("op") or v.get("case") or str(i)
             _flatten(f"{prefix}[{label}]", {k: x for k, x in v.items() if k not in ("name", "op", "case")}, out)
+    elif isinstance(value, list) and len(value) > 6:
+        return  # raw per-repeat samples: the summary figures beside them are what the table is for
     else:
         out[prefix] = value
 
