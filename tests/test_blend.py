@@ -378,6 +378,19 @@ def test_unknown_monitor_fails_at_the_first_validation(flavour: SimpleNamespace,
     assert model.training_steps == 0
 
 
+def test_two_val_loaders_with_a_sanity_check(flavour: SimpleNamespace, tmp_path: Path) -> None:
+    # Lightning shows no metrics during the sanity check when there are several validation dataloaders: the
+    # metric-name check must wait for the first real validation instead of failing.
+    model = make_model(flavour.pl, two_val_loaders=True)
+    blend = flavour.soup.TaskArithmeticBlend(ratio=[0.0, 1.0], monitor="val/acc/dataloader_idx_1")
+    fit(flavour, tmp_path, blend, model=model, num_sanity_val_steps=2)
+    assert report(tmp_path / "soup")["ratio"] in (0.0, 1.0)
+    typo = flavour.soup.TaskArithmeticBlend(ratio=[0.0, 1.0], monitor="val/acc/dataloader_idx_9")
+    with pytest.raises(SoupError, match="dataloader_idx_9"):
+        fit(flavour, tmp_path / "typo", typo, model=make_model(flavour.pl, two_val_loaders=True),
+            num_sanity_val_steps=2, max_epochs=1)
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 
 

@@ -245,10 +245,14 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         # Fail at the first validation (the sanity check when enabled), not after training, on a metric name typo.
         if self._metrics_checked or not self._evaluates or not _base.is_fitting(trainer):
             return
-        self._metrics_checked = True
         from lightning_soup.callbacks._evaluate import resolve_monitor
 
         logged = dict.fromkeys(trainer.callback_metrics, 0.0)  # names only: no device sync
+        if not logged and trainer.sanity_checking:
+            # With several validation dataloaders Lightning exposes no metrics during the sanity check:
+            # check at the first real validation instead.
+            return
+        self._metrics_checked = True
         for name in self._metric_names():
             resolve_monitor(logged, name)
 
