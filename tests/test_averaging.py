@@ -419,6 +419,18 @@ def test_validate_average_logs_average_metrics_without_touching_raw_ones(flavour
     assert float(checkpoint.best_model_score) == pytest.approx(max(s["val/acc"] for s in seen), abs=1e-6)
 
 
+def test_validate_average_with_two_validation_dataloaders(flavour: Any, tmp_path: Path) -> None:
+    # Metric names already carry "/dataloader_idx_N"; logging them again must not trip Lightning's suffix check.
+    averaging = flavour.soup.CheckpointAveraging(window=2, validate_average=True, verbose=False)
+    model = make_model(flavour.pl, two_val_loaders=True)
+    model, trainer = fit(flavour, tmp_path, [averaging], model=model, max_epochs=2)
+    logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    report = trainer.validate(model, verbose=False)  # the module now holds that same average
+    for idx, metrics in enumerate(report):
+        name = f"val/acc/dataloader_idx_{idx}"
+        assert logged[f"average/{name}"] == pytest.approx(metrics[name], abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------- DDP
 
 DDP_WORKER = textwrap.dedent(

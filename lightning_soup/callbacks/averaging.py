@@ -581,7 +581,13 @@ class _CheckpointAveraging(_base.SoupCallback):
             metrics = _evaluate.evaluate(trainer, pl_module)
         for name, value in metrics.items():
             pl_module.log(
-                f"average/{name}", float(value), on_step=not on_epoch, on_epoch=on_epoch, batch_size=1, sync_dist=False
+                f"average/{name}",
+                float(value),
+                on_step=not on_epoch,
+                on_epoch=on_epoch,
+                batch_size=1,
+                sync_dist=False,
+                add_dataloader_idx=False,  # `name` already carries the suffix when there are several dataloaders
             )
 
     def _file_recipe(self, record: Mapping[str, Any]) -> dict[str, Any]:
