@@ -34,7 +34,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -43,30 +42,19 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from _common import PeakRssAnon, mlp_base  # noqa: E402  (this folder: sys.path[0] when run as a script)
 
 
 # ------------------------------------------------------------------------------------------------------- model
 
 
 def make_module(width: int, depth: int, n_train: int, batch_size: int, seed: int = 0) -> Any:
-    import pytorch_lightning as pl
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    class MLP(pl.LightningModule):
+    class MLP(mlp_base()):  # type: ignore[misc]
         def __init__(self) -> None:
-            super().__init__()
-            layers: list[nn.Module] = []
-            for _ in range(depth):
-                layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
-            self.net = nn.Sequential(*layers, nn.Linear(width, 10))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
+            super().__init__(width, depth)
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch
@@ -329,38 +317,13 @@ def bench_update(args: argparse.Namespace) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ memory
 
 
-def _status_kb(pid: int, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
 def _peak_rss_anon_mb(argv: list[str]) -> float:
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=HERE.parent)
-    peak = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            value = _status_kb(proc.pid, "RssAnon")
-            if value is not None:
-                peak = max(peak, value)
-            time.sleep(0.001)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    _, err = proc.communicate()
-    done.set()
-    sampler.join()
+    with PeakRssAnon(proc.pid) as sampler:
+        _, err = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"memory child failed: {err.decode()[-2000:]}")
-    return peak / 1024
+    return sampler.peak_kb / 1024
 
 
 def memory_child(args: argparse.Namespace) -> None:

@@ -29,9 +29,10 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
+
+from _common import PeakRssAnon  # this folder: sys.path[0] when run as a script (and in make_inputs' child)
 
 BASELINE = (
     "import torch, rich.progress, lightning_soup.cli, lightning_soup._cli_merge, lightning_soup.merge, "
@@ -39,45 +40,20 @@ BASELINE = (
 )
 
 
-def _status_kb(pid: int, field: str) -> int | None:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
 def measure(argv: list[str], interval: float = 0.001, env: dict[str, str] | None = None) -> dict[str, float]:
     """Run ``argv``; return its wall time, peak RssAnon (sampled) and peak RSS (getrusage), in MB."""
     start = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    peak_anon = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_anon
-        while not done.is_set():
-            value = _status_kb(proc.pid, "RssAnon")
-            if value is not None:
-                peak_anon = max(peak_anon, value)
-            time.sleep(interval)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-    _, status, usage = os.wait4(proc.pid, 0)
-    done.set()
-    sampler.join()
+    with PeakRssAnon(proc.pid, interval) as sampler:
+        stdout, stderr = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+        _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(argv)} failed ({proc.returncode}):\n{stderr.decode()}")
     return {
         "seconds": wall,
-        "peak_rss_anon_mb": peak_anon / 1024,
+        "peak_rss_anon_mb": sampler.peak_kb / 1024,
         "peak_rss_mb": usage.ru_maxrss / 1024,
         "stdout": stdout.decode().strip(),  # type: ignore[dict-item]
     }

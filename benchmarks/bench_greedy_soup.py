@@ -42,27 +42,16 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+from _common import mlp_base  # noqa: E402  (this folder: sys.path[0] when run as a script)
 
 
 def make_module(width: int, depth: int, n_train: int, n_val: int, batch_size: int, seed: int = 0) -> Any:
-    import pytorch_lightning as pl
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    class MLP(pl.LightningModule):
+    class MLP(mlp_base()):  # type: ignore[misc]
         def __init__(self) -> None:
-            super().__init__()
-            layers: list[nn.Module] = []
-            for _ in range(depth):
-                layers += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
-            self.net = nn.Sequential(*layers, nn.Linear(width, 10))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return nn.functional.cross_entropy(self(x), y)
+            super().__init__(width, depth)
 
         def validation_step(self, batch: Any, batch_idx: int) -> None:
             x, y = batch

@@ -20,12 +20,9 @@ Run ``python examples/forgetting_digits.py`` (``make demo``); ``--help`` lists t
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,12 +30,24 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
-from rich.table import Table
-from safetensors.torch import load_file, save_file
-from torch import Tensor, nn
+from safetensors.torch import save_file
+from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_soup import CheckpointAveraging, GreedySoup, TaskArithmeticBlend
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, however this file is started
+from _common import (  # noqa: E402
+    DigitsSteps,
+    json_result,
+    digits_mlp,
+    print_results,
+    quiet_lightning,
+    render_table,
+    blend_trade_off,
+    merged_files,
+    score_files,
+    soup_callbacks,
+    standard_verdicts,
+)
 
 OLD_DIGITS = (0, 1, 2, 3, 4)
 NEW_DIGITS = (5, 6, 7, 8, 9)
@@ -85,7 +94,7 @@ def loader(dataset: TensorDataset, batch_size: int, *, shuffle: bool = False, se
 
 
 # ------------------------------------------------------------------------------------------------------------ model
-class DigitsMLP(pl.LightningModule):
+class DigitsMLP(DigitsSteps, pl.LightningModule):
     """64 → hidden → hidden → 10 MLP with BatchNorm; one head shared by both tasks.
 
     Validation logs ``val/<task>_acc`` and ``val/<task>_loss`` for every validation dataloader, named by
@@ -101,31 +110,7 @@ class DigitsMLP(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.val_tasks = tuple(val_tasks)
-        self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, 10),
-        )  # fmt: skip
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)  # (n, 64) → (n, 10) logits
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y = batch
-        logits = self(x)
-        task = self.val_tasks[dataloader_idx]
-        # Epoch values are batch-size-weighted means: exactly the accuracy over the whole split.
-        self.log(f"val/{task}_acc", (logits.argmax(1) == y).float().mean(), add_dataloader_idx=False, prog_bar=True)
-        self.log(f"val/{task}_loss", nn.functional.cross_entropy(logits, y), add_dataloader_idx=False)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+        self.net = digits_mlp(hidden)
 
 
 class BestEpoch(pl.Callback):
@@ -219,38 +204,8 @@ def verdict(name: str, hits: Mapping[str, Tensor], ref_name: str, ref: Mapping[s
 
 def trade_off(rows: Mapping[str, Mapping[str, float]]) -> str:
     """How much of the soup's forgetting the blend undid, and how much of its gain it kept (test accuracy)."""
-    base, soup, blended = rows["base"], rows["soup"], rows["blended"]
-    forgot, gained = base["old_acc"] - soup["old_acc"], soup["new_acc"] - base["new_acc"]
-    recovered = f"{(blended['old_acc'] - soup['old_acc']) / forgot:.0%}" if forgot > 0 else "n/a (nothing forgotten)"
-    kept = f"{(blended['new_acc'] - base['new_acc']) / gained:.0%}" if gained > 0 else "n/a (nothing gained)"
-    return f"recovers {recovered} of the soup's old-digit forgetting and keeps {kept} of its new-digit gain"
-
-
-def render_table(rows: Mapping[str, Mapping[str, Any]], title: str) -> Table:
-    """The results as a rich table; the best value of each accuracy column in bold."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("method")
-    table.add_column("weights")
-    columns = (("old_acc", "old digits 0–4"), ("new_acc", "new digits 5–9"), ("all_acc", "all digits"))
-    for _, header in columns:
-        table.add_column(f"{header}\ntest acc", justify="right")
-    best = {key: max(r[key] for r in rows.values()) for key, _ in columns}
-    for name, row in rows.items():
-        cells = [f"[bold]{row[k]:.3f}[/]" if row[k] == best[k] else f"{row[k]:.3f}" for k, _ in columns]
-        table.add_row(name, row["detail"], *cells)
-    return table
-
-
-def soup_detail(recipe: Mapping[str, Any]) -> str:
-    """``"mean of epochs 6+9 (greedy, of 10)"`` from ``soup.json``."""
-    members = sorted(i["epoch"] for i in recipe["ingredients"] if i["accepted"])
-    return f"mean of epochs {'+'.join(map(str, members))} (greedy, of {len(recipe['ingredients'])})"
-
-
-def blend_detail(report: Mapping[str, Any]) -> str:
-    """``"base + 0.4·(soup − base)"`` from ``blend.json``, flagged when no ratio met the constraint."""
-    text = f"base + {report['ratio']:g}·(soup − base)"
-    return text if report["constraint_met"] is not False else f"{text}, constraint NOT met"
+    names = {"old_name": "old-digit", "new_name": "new-digit"}
+    return blend_trade_off(rows, "old_acc", "new_acc", higher_is_better=True, **names)
 
 
 # -------------------------------------------------------------------------------------------------------------- main
@@ -277,14 +232,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.base_epochs = args.base_epochs or sizes["base_epochs"]
     args.hidden = sizes["hidden"]
     return args
-
-
-def quiet_lightning() -> None:
-    """Keep the demo's output to the progress bar, the callbacks' summaries and the results."""
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
-    for message in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", message)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -327,13 +274,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     best = BestEpoch(monitor="val/new_acc")
     callbacks = [
         best,
-        CheckpointAveraging(window=args.window, dirpath=str(out)),
-        GreedySoup(monitor="val/new_acc", mode="max", dirpath=str(out)),
-        TaskArithmeticBlend(
-            anchor="initial", ratio=BLEND_RATIOS, monitor="val/new_acc", mode="max", constraint=constraint,
-            dirpath=str(out),
+        *soup_callbacks(
+            out, window=args.window, monitor="val/new_acc", mode="max", constraint=constraint, ratios=BLEND_RATIOS
         ),
-    ]  # fmt: skip
+    ]
     finetune = make_trainer(out, args.epochs, callbacks, progress=progress)
     train = loader(splits["new_train"], args.batch_size, shuffle=True, seed=args.seed)
     finetune.fit(model, train, [loader(splits["new_val"], 256), loader(splits["old_val"], 256)])
@@ -345,45 +289,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "last": ("final.safetensors", f"fine-tune, epoch {args.epochs - 1} (last)"),
         "best": ("best.safetensors", f"fine-tune, epoch {best.epoch} (best val new acc)"),
         "average": ("average.safetensors", f"mean of the last {min(args.window, args.epochs)} epochs"),
-        "soup": ("soup.safetensors", soup_detail(json.loads((out / "soup.json").read_text()))),
-        "blended": ("blended.safetensors", blend_detail(json.loads((out / "blend.json").read_text()))),
+        **merged_files(out, "epoch"),
     }
-    hits, rows = {}, {}
-    for name, (file, detail) in files.items():
-        hits[name] = test_predictions(load_file(str(out / file)), splits, args.hidden)
-        rows[name] = {"file": file, "detail": detail, **accuracy_row(hits[name])}
-    verdicts = [
-        verdict("best checkpoint", hits["best"], "last", hits["last"], "new"),
-        verdict("average", hits["average"], "last", hits["last"], "new"),
-        verdict("greedy soup", hits["soup"], "best checkpoint", hits["best"], "new"),
-        verdict("blended", hits["blended"], "greedy soup", hits["soup"], "all") + "; " + trade_off(rows),
-    ]
+    hits, rows = score_files(out, files, lambda weights: test_predictions(weights, splits, args.hidden), accuracy_row)
+    verdicts = standard_verdicts(verdict, hits, "all", trade_off(rows))
     wall = time.perf_counter() - start
 
     n_test = {task: len(splits[f"{task}_test"]) for task in TASKS}
-    console.print()
     title = f"Learning digits 5–9 after 0–4 (test split: {n_test['old']} old + {n_test['new']} new images)"
-    console.print(render_table(rows, title))
-    for line in verdicts:
-        console.print(f"  • {line}")
-    console.print(f"Weights, soup.json, blend.json and the ratio plot blend.png are in {out}/ ({wall:.1f} s)")
+    columns = [(f"{t}_acc", f"{h}\ntest acc") for t, h in (("old", "old digits 0–4"), ("new", "new digits 5–9"))]
+    columns.append(("all_acc", "all digits\ntest acc"))
+    table = render_table(rows, title, columns, higher_is_better=True, decimals=3)
+    print_results(console, table, verdicts, out, wall)
 
-    result = {
-        "command": " ".join(["python", "examples/forgetting_digits.py", *(sys.argv[1:] if argv is None else argv)]),
+    fields = {
         "seed": args.seed,
         "epochs": args.epochs,
         "base_epochs": args.base_epochs,
         "out": str(out),
         "n_test": n_test,
         "constraint": constraint,
-        "rows": [{"method": name, **row} for name, row in rows.items()],
-        "verdicts": verdicts,
-        "wall_s": round(wall, 1),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return json_result("examples/forgetting_digits.py", argv, fields, rows, verdicts, wall, args.json)
 
 
 if __name__ == "__main__":

@@ -22,13 +22,10 @@ noise. Nothing is downloaded. CPU by default (a few minutes); ``--device cuda`` 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import math
 import sys
 import sysconfig
 import time
-import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,12 +33,22 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from rich.console import Console
-from rich.table import Table
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_soup import CheckpointAveraging, GreedySoup, TaskArithmeticBlend
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, however this file is started
+from _common import (  # noqa: E402
+    print_results,
+    quiet_lightning,
+    render_table,
+    blend_trade_off,
+    json_result,
+    merged_files,
+    score_files,
+    soup_callbacks,
+    standard_verdicts,
+)
 
 TASKS = ("old", "new")  # English, Python
 TASK_NAMES = {"old": "English", "new": "Python"}
@@ -308,40 +315,6 @@ def verdict(name: str, losses: Mapping[str, Tensor], ref_name: str, ref: Mapping
     )
 
 
-def trade_off(rows: Mapping[str, Mapping[str, float]]) -> str:
-    """How much of the soup's forgetting the blend undid, and how much of its gain it kept (test loss)."""
-    base, soup, blended = rows["base"], rows["soup"], rows["blended"]
-    forgot, gained = soup["old_loss"] - base["old_loss"], base["new_loss"] - soup["new_loss"]
-    recovered = f"{(soup['old_loss'] - blended['old_loss']) / forgot:.0%}" if forgot > 0 else "n/a (nothing forgotten)"
-    kept = f"{(base['new_loss'] - blended['new_loss']) / gained:.0%}" if gained > 0 else "n/a (nothing gained)"
-    return f"recovers {recovered} of the soup's English forgetting and keeps {kept} of its Python gain"
-
-
-def render_table(rows: Mapping[str, Mapping[str, Any]], title: str) -> Table:
-    """The results as a rich table; the lowest value of each loss column in bold."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("method")
-    table.add_column("weights")
-    columns = (("old_loss", "English"), ("new_loss", "Python"), ("mean_loss", "mean"))
-    for _, header in columns:
-        table.add_column(f"{header}\ntest loss", justify="right")
-    best = {key: min(r[key] for r in rows.values()) for key, _ in columns}
-    for name, row in rows.items():
-        cells = [f"[bold]{row[k]:.4f}[/]" if row[k] == best[k] else f"{row[k]:.4f}" for k, _ in columns]
-        table.add_row(name, row["detail"], *cells)
-    return table
-
-
-def soup_detail(recipe: Mapping[str, Any]) -> str:
-    members = sorted(i["step"] for i in recipe["ingredients"] if i["accepted"])
-    return f"mean of steps {'+'.join(map(str, members))} (greedy, of {len(recipe['ingredients'])})"
-
-
-def blend_detail(report: Mapping[str, Any]) -> str:
-    text = f"base + {report['ratio']:g}·(soup − base)"
-    return text if report["constraint_met"] is not False else f"{text}, constraint NOT met"
-
-
 # -------------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -390,13 +363,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def quiet_lightning() -> None:
-    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
-    for message in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*"):
-        warnings.filterwarnings("ignore", message)
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the experiment, print the table and verdicts; returns what ``--json`` writes."""
     args = parse_args(argv)
@@ -440,11 +406,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     every = args.steps // args.evals
     callbacks = [
         best,
-        CheckpointAveraging(window=args.window, every_n_train_steps=every, dirpath=str(out)),
-        GreedySoup(monitor="val/new_loss", mode="min", dirpath=str(out)),
-        TaskArithmeticBlend(
-            anchor="initial", ratio=BLEND_RATIOS, monitor="val/new_loss", mode="min", constraint=constraint,
-            dirpath=str(out),
+        *soup_callbacks(
+            out, window=args.window, monitor="val/new_loss", mode="min", constraint=constraint, ratios=BLEND_RATIOS,
+            every_n_train_steps=every,
         ),
     ]  # fmt: skip
     finetune = make_trainer(args, args.steps, callbacks)
@@ -458,44 +422,27 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "last": ("final.safetensors", f"fine-tune, step {finetune.global_step} (last)"),
         "best": ("best.safetensors", f"fine-tune, step {best.step} (best val Python loss)"),
         "average": ("average.safetensors", f"mean of the last {min(args.window, args.evals)} snapshots"),
-        "soup": ("soup.safetensors", soup_detail(json.loads((out / "soup.json").read_text()))),
-        "blended": ("blended.safetensors", blend_detail(json.loads((out / "blend.json").read_text()))),
+        **merged_files(out, "step"),
     }
-    losses, rows = {}, {}
-    for name, (file, detail) in files.items():
-        losses[name] = window_losses(load_file(str(out / file)), texts, args)
-        rows[name] = {"file": file, "detail": detail, **loss_row(losses[name])}
-    verdicts = [
-        verdict("best checkpoint", losses["best"], "last", losses["last"], "new"),
-        verdict("average", losses["average"], "last", losses["last"], "new"),
-        verdict("greedy soup", losses["soup"], "best checkpoint", losses["best"], "new"),
-        verdict("blended", losses["blended"], "greedy soup", losses["soup"], "both") + "; " + trade_off(rows),
-    ]
+    losses, rows = score_files(out, files, lambda weights: window_losses(weights, texts, args), loss_row)
+    trade = blend_trade_off(rows, "old_loss", "new_loss", higher_is_better=False, old_name="English", new_name="Python")
+    verdicts = standard_verdicts(verdict, losses, "both", trade)
     wall = time.perf_counter() - start
 
-    console.print()
     title = f"Learning Python after English (test: {args.test_windows} windows of {args.context} chars per task)"
-    console.print(render_table(rows, title))
-    for line in verdicts:
-        console.print(f"  • {line}")
-    console.print(f"Weights, soup.json, blend.json and the ratio plot blend.png are in {out}/ ({wall:.1f} s)")
+    headers = {"old_loss": "English", "new_loss": "Python", "mean_loss": "mean"}
+    columns = [(key, f"{header}\ntest loss") for key, header in headers.items()]
+    print_results(console, render_table(rows, title, columns, higher_is_better=False, decimals=4), verdicts, out, wall)
 
-    result = {
-        "command": " ".join(["python", "examples/forgetting_lm.py", *(sys.argv[1:] if argv is None else argv)]),
+    fields = {
         "seed": args.seed,
         "device": args.device,
         "sizes": {k: getattr(args, k) for k in SIZES["default"]},
         "out": str(out),
         "constraint": constraint,
         "base_val_old_loss": base_val_old,
-        "rows": [{"method": name, **row} for name, row in rows.items()],
-        "verdicts": verdicts,
-        "wall_s": round(wall, 1),
     }
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return json_result("examples/forgetting_lm.py", argv, fields, rows, verdicts, wall, args.json)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,19 @@ instead), then ``fit`` fine-tunes it on digits 5–9 while validation reports ``
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from torch import Tensor, nn
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, however this file is started
+from _common import DigitsSteps, digits_mlp  # noqa: E402
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -59,14 +64,14 @@ class DigitsDataModule(pl.LightningDataModule):
         return self._loader("new_train", self.hparams.batch_size, shuffle=True)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self._loader("new_val", 256), self._loader("old_val", 256)]  # order = DigitsClassifier.VAL_TASKS
+        return [self._loader("new_val", 256), self._loader("old_val", 256)]  # order = DigitsClassifier.val_tasks
 
     def _loader(self, part: str, batch_size: int, shuffle: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed) if shuffle else None
         return DataLoader(self.parts[part], batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
-class DigitsClassifier(pl.LightningModule):
+class DigitsClassifier(DigitsSteps, pl.LightningModule):
     """64 → hidden → hidden → 10 MLP with BatchNorm; logs ``val/new_acc``, ``val/old_acc`` and the two losses.
 
     Args:
@@ -75,39 +80,16 @@ class DigitsClassifier(pl.LightningModule):
         pretrained: a ``.safetensors`` file of this model's weights to start from (skips the pretraining).
     """
 
-    VAL_TASKS = ("new", "old")
+    val_tasks = ("new", "old")
 
     def __init__(self, hidden: int = 128, lr: float = 0.02, pretrained: str | None = None) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.net = nn.Sequential(
-            nn.Linear(64, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(),
-            nn.Linear(hidden, 10),
-        )  # fmt: skip
+        self.net = digits_mlp(hidden)
         if pretrained is not None:
             from safetensors.torch import load_file
 
             self.load_state_dict(load_file(pretrained))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x)
-
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        x, y = batch
-        loss = nn.functional.cross_entropy(self(x), y)
-        self.log("train/loss", loss)
-        return loss
-
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        x, y = batch
-        logits = self(x)
-        task = self.VAL_TASKS[dataloader_idx]
-        self.log(f"val/{task}_acc", (logits.argmax(1) == y).float().mean(), add_dataloader_idx=False, prog_bar=True)
-        self.log(f"val/{task}_loss", nn.functional.cross_entropy(logits, y), add_dataloader_idx=False)
-
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
 
 
 def pretrain(model: nn.Module, loader: DataLoader, epochs: int, lr: float = 0.05) -> None:
