@@ -146,6 +146,18 @@ def _terminal_width() -> int:
     return shutil.get_terminal_size((110, 24)).columns - 2
 
 
+def _task_vector_inputs(p: argparse.ArgumentParser) -> None:
+    """``--base BASE FT [FT ...]``: the inputs of the task-vector commands."""
+    p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
+    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
+
+
+def _density_and_scale(p: argparse.ArgumentParser, *, density_help: str, scale_help: str) -> None:
+    """``--density`` and ``--scale``, shared by TIES and DARE."""
+    p.add_argument("--density", required=True, type=_fraction, metavar="D", help=density_help)
+    p.add_argument("--scale", type=float, default=1.0, metavar="λ", help=scale_help)
+
+
 def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
     """Options every command shares; ``writes`` adds the output options of the merge commands."""
     if writes:
@@ -241,8 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Add scaled task vectors to the base: base + Σ λᵢ·(ftᵢ − base) (Ilharco et al. 2023); a negative λ removes "
         "a skill.",
     )
-    p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
-    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
+    _task_vector_inputs(p)
     p.add_argument(
         "--scales", required=True, nargs="+", type=float, metavar="λ", help="one scale, or one per fine-tune"
     )
@@ -254,14 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "TIES-merging (Yadav et al. 2023): trim each task vector to its largest-magnitude entries, elect a sign per "
         "entry, average the agreeing deltas, add them to the base.",
     )
-    p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
-    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
-    p.add_argument(
-        "--density", required=True, type=_fraction, metavar="D", help="fraction of each task vector kept, in (0, 1]"
-    )
-    p.add_argument(
-        "--scale", type=float, default=1.0, metavar="λ", help="scale of the merged task vector (default: 1.0)"
-    )
+    _task_vector_inputs(p)
+    _density_and_scale(p, density_help="fraction of each task vector kept, in (0, 1]", scale_help="scale of the merged task vector (default: 1.0)")
     _common(p, writes=True)
 
     p = command(
@@ -270,14 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "DARE (Yu et al. 2023): drop each task-vector entry with probability 1 − density, rescale the rest by "
         "1/density, add the sum to the base. Reproducible for a given seed.",
     )
-    p.add_argument("--base", required=True, metavar="BASE", help="the model the fine-tunes started from")
-    p.add_argument("finetuned", nargs="+", metavar="FT", help="fine-tuned checkpoints")
-    p.add_argument(
-        "--density", required=True, type=_fraction, metavar="D", help="probability of keeping an entry, in (0, 1]"
-    )
-    p.add_argument(
-        "--scale", type=float, default=1.0, metavar="λ", help="scale of the summed task vectors (default: 1.0)"
-    )
+    _task_vector_inputs(p)
+    _density_and_scale(p, density_help="probability of keeping an entry, in (0, 1]", scale_help="scale of the summed task vectors (default: 1.0)")
     p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N", help="random seed (default: 0)")
     _common(p, writes=True)
 

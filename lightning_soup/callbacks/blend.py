@@ -497,6 +497,7 @@ def _floating_meta(pl_module: Any) -> dict[str, Tensor]:
 def _anchor_problem(path: Path, module_meta: Mapping[str, Tensor], *, check_values: bool) -> str | None:
     """Why the weights at ``path`` cannot be the module's anchor, or None. Reads one tensor at a time."""
     from lightning_soup.merge._checks import check_compatible
+    from lightning_soup.merge._inplace import all_finite
 
     where = f"{_NAME}(anchor={str(path)!r})"
     try:
@@ -504,7 +505,7 @@ def _anchor_problem(path: Path, module_meta: Mapping[str, Tensor], *, check_valu
             anchor_meta = {k: v for k, v in state.meta().items() if v.is_floating_point()}
             check_compatible([module_meta, anchor_meta], names=["the module", "the anchor"])
             if check_values:
-                bad = [k for k in module_meta if not bool(torch.isfinite(state[k]).all())]
+                bad = [k for k in module_meta if not all_finite([state[k]])]  # one tensor in memory at a time
                 if bad:
                     return f"{where}: the anchor has NaN or infinite values in {bad}. Use a healthy checkpoint."
     except SoupError as e:

@@ -292,8 +292,7 @@ class _GreedySoup(_base.SoupCallback):
         return a > b if self.mode == "max" else a < b
 
     def _weights_finite(self, trainer: Any, pl_module: Any) -> bool:
-        _, floats = _base.floating_items(_base.module_tensors(pl_module))
-        finite = bool(torch.stack([torch.isfinite(t).all() for t in floats]).all()) if floats else True
+        finite = _inplace.all_finite(list(_base.module_tensors(pl_module).values()))
         # Every rank must agree (shards differ; replicas' buffers may too): one non-finite part skips it everywhere.
         return bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
 

@@ -64,6 +64,15 @@ def _value(value: Any) -> str:
     return str(value) if isinstance(value, float) else repr(value)
 
 
+def _check_count(values: list[Any], count: int, name: str, what: str, hint: str) -> None:
+    """Raise unless there is one value per input (`what` names the inputs)."""
+    if len(values) != count:
+        raise SoupError(
+            f"`{name}` has {len(values)} values but there {'is' if count == 1 else 'are'} "
+            f"{_plural(count, what)}; {hint}."
+        )
+
+
 def _as_list(value: Any, name: str, expected: str) -> list[Any]:
     if isinstance(value, Tensor) and value.ndim == 1:
         return value.tolist()
@@ -361,11 +370,7 @@ def check_weights(weights: Any, count: int, name: str = "weights") -> list[float
         got weights[1]=-2, weights[2]=inf.
     """
     values = _as_list(weights, name, f"a sequence of {count} numbers (one per state dict)")
-    if len(values) != count:
-        raise SoupError(
-            f"`{name}` has {len(values)} values but there {'is' if count == 1 else 'are'} "
-            f"{_plural(count, 'state dict')}; give one weight per state dict."
-        )
+    _check_count(values, count, name, "state dict", "give one weight per state dict")
     out: list[float] = []
     bad: list[str] = []
     for i, w in enumerate(values):
@@ -401,11 +406,7 @@ def check_scales(scales: Any, count: int, name: str = "scales") -> list[float]:
     ):
         return [check_real(scales, name)] * count
     values = _as_list(scales, name, f"one number or a sequence of {count} numbers (one per task vector)")
-    if len(values) != count:
-        raise SoupError(
-            f"`{name}` has {len(values)} values but there {'is' if count == 1 else 'are'} "
-            f"{_plural(count, 'task vector')}; give one number, or one per task vector."
-        )
+    _check_count(values, count, name, "task vector", "give one number, or one per task vector")
     out: list[float] = []
     bad: list[str] = []
     for i, s in enumerate(values):

@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_soup.errors import SoupError
 from lightning_soup.merge._checks import check_real
 
-__all__ = ["accumulate_", "assign_", "assign_lerp_", "assign_mean_", "float32_copy", "layer_weights"]
+__all__ = ["accumulate_", "all_finite", "assign_", "assign_lerp_", "assign_mean_", "float32_copy", "layer_weights"]
 
 
 def _same_length(**lists: Sequence[Tensor] | None) -> None:
@@ -44,6 +44,21 @@ def float32_copy(tensors: Sequence[Tensor]) -> list[Tensor]:
     if out:
         torch._foreach_copy_(out, list(tensors))
     return out
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """True when no tensor holds NaN or ±inf. One host sync for the whole list (a per-checkpoint check, not a
+    hot-path one); non-floating tensors are always finite.
+
+    Example:
+        >>> import torch
+        >>> all_finite([torch.tensor([1.0, 2.0]), torch.tensor([3])])
+        True
+        >>> all_finite([torch.tensor([1.0, float("nan")])])
+        False
+    """
+    flags = [torch.isfinite(t).all() for t in tensors if t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
 
 
 def accumulate_(sums: Sequence[Tensor], add: Sequence[Tensor], sub: Sequence[Tensor] | None = None) -> None:
