@@ -35,7 +35,7 @@ from pathlib import Path
 from _common import PeakRssAnon  # this folder: sys.path[0] when run as a script (and in make_inputs' child)
 
 BASELINE = (
-    "import torch, rich.progress, lightning_soup.cli, lightning_soup._cli_merge, lightning_soup.merge, "
+    "import torch, rich.progress, lightning_soup.cli, lightning_soup.cli.merge, lightning_soup.merge, "
     "lightning_soup.storage; import time; time.sleep(0.2)"
 )
 

@@ -679,7 +679,7 @@ def test_cuda_matches_cpu(tmp_path: Path, capsys: pytest.CaptureFixture[str], co
 def test_streams_each_tensor_once(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_soup import _cli_io
+    from lightning_soup.cli import io as _cli_io
 
     base, fts = make_models()
     paths, prefix = write_all(tmp_path, {"base": base, "ft0": fts[0], "ft1": fts[1]}, "mixed")
@@ -710,7 +710,7 @@ def test_streams_each_tensor_once(
 def test_progress_bar_and_quiet(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_soup import _cli_merge
+    from lightning_soup.cli import merge as _cli_merge
 
     _, fts = make_models(2)
     a, b = write(fts[0], tmp_path / "A", "safetensors"), write(fts[1], tmp_path / "B", "safetensors")
@@ -785,14 +785,14 @@ def test_inspect_json_matches_float64_reference(tmp_path: Path, capsys: pytest.C
 
 def test_inspect_statistics_are_exact_across_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     """Large tensors are processed in chunks; the chunking must not change any statistic."""
-    from lightning_soup import _inspect
+    from lightning_soup.merge import diagnostics
 
     torch.manual_seed(1)
     base = {"w": torch.randn(37, 11), "b": torch.randn(5)}
     fts = [{k: v + torch.randn_like(v) for k, v in base.items()} for _ in range(3)]
-    whole = _inspect.task_vector_stats(base, fts, ["a", "b", "c"])
-    monkeypatch.setattr(_inspect, "_CHUNK", 7)
-    chunked = _inspect.task_vector_stats(base, fts, ["a", "b", "c"])
+    whole = diagnostics.task_vector_stats(base, fts, ["a", "b", "c"])
+    monkeypatch.setattr(diagnostics, "_CHUNK", 7)
+    chunked = diagnostics.task_vector_stats(base, fts, ["a", "b", "c"])
     ref = ref_inspect(base, fts)
     for r in (whole, chunked):
         assert r.norms == pytest.approx(ref["norms"], rel=1e-12)
@@ -837,7 +837,7 @@ def test_inspect_reports_what_differs(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_inspect_without_base_reads_only_headers(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lightning_soup import _cli_io
+    from lightning_soup.cli import io as _cli_io
 
     _, fts = make_models(2)
     paths, _ = write_all(tmp_path, {"a": fts[0], "b": fts[1]}, "safetensors")

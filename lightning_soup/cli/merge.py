@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soup import _inspect, storage
-from lightning_soup._cli_io import (
+from lightning_soup import storage
+from lightning_soup.cli.io import (
     Input,
     Progress,
     Timer,
@@ -35,6 +35,7 @@ from lightning_soup._cli_io import (
     wants_progress,
 )
 from lightning_soup.errors import SoupError
+from lightning_soup.merge import diagnostics
 
 MergeFn = Callable[[str, list[Tensor]], Tensor]
 
@@ -168,7 +169,7 @@ def check_compatible(inputs: Sequence[Input]) -> None:
 
     metas = [i.meta() for i in inputs]
     names = [i.name for i in inputs]
-    problems = _inspect.compare(metas, names).problems()
+    problems = diagnostics.compare(metas, names).problems()
     if problems:
         more = len(problems) - 1
         extra = f" (and {more} more incompatibilit{'y' if more == 1 else 'ies'})" if more else ""

@@ -362,10 +362,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
             if args.command == "inspect":
-                from lightning_soup._cli_inspect import run_inspect
+                from lightning_soup.cli.inspect import run_inspect
 
                 return run_inspect(args)
-            from lightning_soup._cli_merge import run_merge
+            from lightning_soup.cli.merge import run_merge
 
             return run_merge(args, argv=list(sys.argv[1:] if argv is None else argv))
     except KeyboardInterrupt:

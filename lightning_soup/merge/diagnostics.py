@@ -10,7 +10,7 @@ Two pure parts, no file I/O:
   Arithmetic*) and sign-conflict counts (the interference TIES-merging resolves, Yadav et al. 2023). An entry
   *conflicts* when at least one task vector is positive there and another negative (zeros never conflict).
 
-Rendering (:func:`render_report`) returns rich renderables and :func:`report_json` plain dicts; the CLI prints them.
+:func:`report_json` turns both into plain data; the CLI (:mod:`lightning_soup.cli.inspect`) renders them.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from rich.console import RenderableType
     from torch import Tensor
 
 #: Elements per chunk of a flattened tensor: bounds the float64 working set to n × 8 MiB; float32 indicator
@@ -362,142 +361,6 @@ def task_vector_stats(
         if b.dtype.is_floating_point:
             stats.update(key, b, [m[key] for m in models])
     return stats.result(top)
-
-
-# ---------------------------------------------------------------------------------------------------- rendering
-
-
-def _bytes(n: int) -> str:
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000  # type: ignore[assignment]
-    raise AssertionError  # pragma: no cover
-
-
-def _count(n: int) -> str:
-    return f"{n:,}"
-
-
-def _num(x: float, fmt: str = ".4g") -> str:
-    return "—" if math.isnan(x) else format(x, fmt)
-
-
-def _percent(x: float) -> str:
-    return "—" if math.isnan(x) else f"{100 * x:.2f}%"
-
-
-def _matrix_table(title: str, names: list[str], values: list[list[float]], fmt: Any) -> Any:
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left", show_lines=False)
-    table.add_column("")
-    for name in names:
-        table.add_column(name, justify="right")
-    for i, (name, row) in enumerate(zip(names, values)):
-        table.add_row(name, *("·" if i == j else fmt(v) for j, v in enumerate(row)))
-    return table
-
-
-def render_compatibility(compat: Compatibility, *, limit: int = 20) -> RenderableType:
-    """The models table and what differs between them (``limit`` rows per kind of difference)."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    models = Table(title="Models", title_justify="left")
-    for col, justify in (
-        ("model", "left"),
-        ("tensors", "right"),
-        ("parameters", "right"),
-        ("floating", "right"),
-        ("size", "right"),
-        ("dtypes", "left"),
-    ):
-        models.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for m in compat.models:
-        dtypes = ", ".join(f"{d} {100 * n / m.num_params:.0f}%" if m.num_params else d for d, n in m.dtypes.items())
-        models.add_row(
-            m.name, _count(m.num_tensors), _count(m.num_params), _count(m.num_floating), _bytes(m.nbytes), dtypes
-        )
-    parts: list[Any] = [models]
-    if len(compat.models) < 2:
-        return Group(*parts)
-    if compat.compatible:
-        parts.append(Text(f"✓ compatible: same keys, shapes and kinds ({len(compat.common)} tensors)", style="green"))
-    else:
-        parts.append(Text("✗ not compatible:", style="bold red"))
-        problems = compat.problems()
-        for line in problems[:limit]:
-            parts.append(Text(f"  {line}", style="red"))
-        if len(problems) > limit:
-            parts.append(Text(f"  … and {len(problems) - limit} more"))
-        parts.append(Text(f"  {len(compat.common)} tensors are common to all with the same shape and kind"))
-    if compat.dtypes:
-        table = Table(
-            title="Floating dtypes that differ (mergeable: computed in float32 or better)", title_justify="left"
-        )
-        for col in ("key", "model", "dtype", "reference"):
-            table.add_column(col)
-        for m in compat.dtypes[:limit]:
-            table.add_row(m.key, m.name, m.value, f"{m.expected} ({m.ref})")
-        if len(compat.dtypes) > limit:
-            table.add_row(f"… and {len(compat.dtypes) - limit} more", "", "", "")
-        parts.append(table)
-    return Group(*parts)
-
-
-def render_task_vectors(report: TaskVectorReport, base_name: str) -> RenderableType:
-    """Norms, cosine similarity and sign conflicts of the task vectors against ``base_name``."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    norms = Table(title=f"Task vectors τ = model − {base_name}", title_justify="left")
-    for col in ("model", "‖τ‖", "‖τ‖ / ‖base‖"):
-        norms.add_column(col, justify="left" if col == "model" else "right")
-    for name, norm, rel in zip(report.names, report.norms, report.relative_norms):
-        norms.add_row(name, _num(norm), _num(rel))
-    parts: list[Any] = [
-        Text(
-            f"{_count(report.num_params)} floating parameters in {report.num_tensors} tensors compared; "
-            f"‖base‖ = {_num(report.base_norm)}"
-        ),
-        norms,
-    ]
-    if len(report.names) > 1:
-        parts.append(
-            _matrix_table("Cosine similarity of task vectors", report.names, report.cosine, lambda v: _num(v, "+.4f"))
-        )
-        parts.append(
-            Text(
-                f"Sign conflicts: {_percent(report.conflict_fraction)} of the parameters have task vectors of "
-                "opposite signs",
-                style="bold",
-            )
-        )
-        if len(report.names) > 2:
-            parts.append(_matrix_table("Pairwise sign conflicts", report.names, report.pairwise_conflicts, _percent))
-        if report.top_conflicts:
-            top = Table(title=f"Most-conflicting tensors (top {len(report.top_conflicts)})", title_justify="left")
-            for col, justify in (("tensor", "left"), ("parameters", "right"), ("conflicts", "right")):
-                top.add_column(col, justify=justify)  # type: ignore[arg-type]
-            for key, numel, fraction in report.top_conflicts:
-                top.add_row(key, _count(numel), _percent(fraction))
-            parts.append(top)
-    return Group(*parts)
-
-
-def render_report(
-    compat: Compatibility, task_vectors: TaskVectorReport | None = None, base_name: str = "base"
-) -> RenderableType:
-    """The whole ``inspect`` report as one rich renderable."""
-    from rich.console import Group
-
-    parts = [render_compatibility(compat)]
-    if task_vectors is not None:
-        parts.append(render_task_vectors(task_vectors, base_name))
-    return Group(*parts)
 
 
 def _finite(x: float) -> float | None:
