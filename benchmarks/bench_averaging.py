@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,7 +42,6 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 from _common import PeakRssAnon, mlp_base  # noqa: E402  (this folder: sys.path[0] when run as a script)
-
 
 # ------------------------------------------------------------------------------------------------------- model
 

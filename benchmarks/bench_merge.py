@@ -33,6 +33,7 @@ import torch
 
 from lightning_soup.merge import interpolate, task_arithmetic, uniform_soup
 
+
 def layout(size_gb: float, hidden: int = 2048) -> dict[str, tuple[int, ...]]:
     """Key -> shape for about `size_gb` of float32 in a Llama-style model of width `hidden`.
 

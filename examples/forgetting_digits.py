@@ -37,13 +37,13 @@ from torch.utils.data import DataLoader, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, however this file is started
 from _common import (  # noqa: E402
     DigitsSteps,
-    json_result,
+    blend_trade_off,
     digits_mlp,
+    json_result,
+    merged_files,
     print_results,
     quiet_lightning,
     render_table,
-    blend_trade_off,
-    merged_files,
     score_files,
     soup_callbacks,
     standard_verdicts,

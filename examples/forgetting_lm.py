@@ -39,12 +39,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, however this file is started
 from _common import (  # noqa: E402
-    print_results,
-    quiet_lightning,
-    render_table,
     blend_trade_off,
     json_result,
     merged_files,
+    print_results,
+    quiet_lightning,
+    render_table,
     score_files,
     soup_callbacks,
     standard_verdicts,

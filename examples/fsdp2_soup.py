@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.utils.data import DataLoader, TensorDataset
 
-import pytorch_lightning as pl
 from lightning_soup import CheckpointAveraging, GreedySoup, TaskArithmeticBlend
-from pytorch_lightning.strategies import ModelParallelStrategy
 
 
 def dataset(n: int, seed: int) -> TensorDataset:

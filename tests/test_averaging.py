@@ -3,7 +3,6 @@ keeps memory flat, and stays out of validate/test/predict."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys

@@ -11,13 +11,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _launch import launch
+from _models import make_data
 from safetensors.torch import load_file
 from torch import nn
 
-from _launch import launch
-from _models import make_data
 from lightning_soup import SoupError
-from lightning_soup.callbacks import _base
+from lightning_soup.callbacks import _dist
 
 
 def _sequential_forward(state: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_check_strategy_accepts_supported(flavour: SimpleNamespace) -> None:
         s.SingleDeviceStrategy("cpu"), s.DDPStrategy(), s.DDPStrategy(start_method="spawn"), s.ModelParallelStrategy()
     ]
     for strategy in supported:
-        _base.check_strategy(_fake_trainer(strategy))
+        _dist.check_strategy(_fake_trainer(strategy))
 
 
 def test_check_strategy_refuses_fsdp1_deepspeed_and_unknown(flavour: SimpleNamespace) -> None:
@@ -66,7 +66,7 @@ def test_check_strategy_refuses_fsdp1_deepspeed_and_unknown(flavour: SimpleNames
     callback = flavour.soup.GreedySoup(monitor="val/acc")
     for strategy, expected in cases.items():
         with pytest.raises(SoupError) as e:
-            _base.check_strategy(_fake_trainer(strategy), callback)
+            _dist.check_strategy(_fake_trainer(strategy), callback)
         message = str(e.value)
         for fragment in [*expected, "`GreedySoup`", "SingleDeviceStrategy", "ddp_spawn", "ModelParallelStrategy"]:
             assert fragment in message, (fragment, message)
@@ -95,11 +95,11 @@ def test_state_ownership_and_rank_dirs(flavour: SimpleNamespace, tmp_path: Path,
     s = flavour.pl.strategies
     module = nn.Linear(2, 2)  # plain parameters: before configure_model a sharded module looks like this too
     ddp = _fake_trainer(s.DDPStrategy(), rank)
-    assert _base.owns_state(ddp, module) is (rank == 0)
-    assert _base.rank_dir(ddp, module, tmp_path, ".snapshots") == tmp_path / ".snapshots"
+    assert _dist.owns_state(ddp, module) is (rank == 0)
+    assert _dist.rank_dir(ddp, module, tmp_path, ".snapshots") == tmp_path / ".snapshots"
     sharded = _fake_trainer(s.ModelParallelStrategy(), rank)
-    assert _base.owns_state(sharded, module) is True
-    folder = _base.rank_dir(sharded, module, tmp_path, ".snapshots")
+    assert _dist.owns_state(sharded, module) is True
+    folder = _dist.rank_dir(sharded, module, tmp_path, ".snapshots")
     assert folder == tmp_path / ".snapshots" / f"rank{rank}" and folder.is_dir()
 
 
@@ -147,7 +147,7 @@ def test_fsdp2_shard_local_plumbing(tmp_path: Path) -> None:
         torch.testing.assert_close(fwd["y"].double(), reference, rtol=1e-5, atol=1e-5)
 
         # Writes into shard tensors taken before an evaluation forward: without a reshard the next forward still
-        # uses the root's stale gathered parameters; after _base.reshard_ it uses the new weights.
+        # uses the root's stale gathered parameters; after _dist.reshard_ it uses the new weights.
         for resharded in (0, 1):
             out = load_file(tmp_path / f"cached_{resharded}_rank{rank}.safetensors")
             weights = {k.removeprefix("w/"): v for k, v in out.items() if k.startswith("w/")}

@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 import torch
-
 from _models import make_model, trainer_kwargs
+
 from lightning_soup import SoupError
 from lightning_soup.callbacks._evaluate import evaluate, preserved_weights, resolve_monitor, swapped_weights
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 import torch
+from _models import make_model, tiny_classifier_class, trainer_kwargs
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from _models import make_model, tiny_classifier_class, trainer_kwargs
 from lightning_soup import SoupError
 from lightning_soup.callbacks import _evaluate
 from lightning_soup.callbacks.greedy_soup import _GreedySoup

@@ -17,7 +17,6 @@ from _merge_helpers import (
     assert_unchanged,
     random_state_dict,
     snapshot,
-    split_keys,
 )
 
 from lightning_soup import merge

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_soup.callbacks import _base
+from lightning_soup.callbacks import _base, _dist, _tensors
 from lightning_soup.errors import SoupError
 
 __all__ = ["evaluate", "preserved_weights", "resolve_monitor", "swapped_weights"]
@@ -97,7 +97,7 @@ def evaluate(trainer: Any, pl_module: Any) -> dict[str, float]:
             trainer._last_val_time = saved_last_val_time
         for module, training in saved_modes:
             module.training = training
-        _base.reshard_(pl_module)  # FSDP2: later writes into the shards must be seen by the next forward
+        _dist.reshard_(pl_module)  # FSDP2: later writes into the shards must be seen by the next forward
     return metrics
 
 
@@ -126,7 +126,7 @@ def preserved_weights(pl_module: Any) -> Iterator[None]:
 
     The copy lives next to each tensor (same device and dtype); it costs one model's memory while inside.
     """
-    live = list(_base.module_tensors(pl_module).values())
+    live = list(_tensors.module_tensors(pl_module).values())
     with torch.no_grad():
         backup = [t.detach().clone() for t in live]
     try:
@@ -137,7 +137,7 @@ def preserved_weights(pl_module: Any) -> Iterator[None]:
                 dst.copy_(src)
         del backup
         # FSDP2 keeps the root's parameters gathered after an evaluation forward: drop that stale copy.
-        _base.reshard_(pl_module)
+        _dist.reshard_(pl_module)
 
 
 @contextlib.contextmanager
@@ -148,7 +148,7 @@ def swapped_weights(pl_module: Any, state: Mapping[str, Tensor]) -> Iterator[Non
         SoupError: ``state`` does not fit the module (keys or shapes).
     """
     with preserved_weights(pl_module):
-        _base.load_into_module_(pl_module, state)
+        _tensors.load_into_module_(pl_module, state)
         yield
 
 

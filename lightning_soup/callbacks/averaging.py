@@ -23,9 +23,9 @@ only when) a checkpoint is saved.
 Distributed training. Under DDP-like replicated strategies the replicas are identical, so global rank zero alone
 keeps the window and the running sum (the other ranks keep only the counters), and nothing is communicated during
 training — except with ``validate_average=True``, where rank zero's average is broadcast before every rank runs
-the validation loop on it. At the end of fit rank zero computes the average, :func:`~._base.broadcast_module_`
+the validation loop on it. At the end of fit rank zero computes the average, :func:`~._dist.broadcast_module_`
 gives it to every rank, and only global rank zero writes files; every rank joins each collective, so nothing
-deadlocks. The tensor code is shard-local (it works on :func:`~._base.module_tensors`), ready for FSDP2.
+deadlocks. The tensor code is shard-local (it works on :func:`~._tensors.module_tensors`), ready for FSDP2.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_soup import storage
-from lightning_soup.callbacks import _base
+from lightning_soup.callbacks import _base, _dist, _tensors
 from lightning_soup.errors import SoupError
 from lightning_soup.merge import _inplace
 
@@ -71,7 +71,7 @@ class _SnapshotStore:
         self.directory = directory
         self.mode = mode
         self.keys = list(template)
-        self.float_keys, floats = _base.floating_items(template)
+        self.float_keys, floats = _tensors.floating_items(template)
         position = {k: i for i, k in enumerate(self.keys)}
         self._float_index = [position[k] for k in self.float_keys]
         # One float32 running sum per floating tensor, on that tensor's device: the only device memory we keep.
@@ -428,13 +428,13 @@ class _CheckpointAveraging(_base.SoupCallback):
                 "is disabled (`Trainer(limit_val_batches=0)`). Enable validation or set `validate_average=False`."
             )
         self._dir = self.prepare_dirpath(trainer)
-        if _base.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own folder) when sharded
+        if _dist.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own folder) when sharded
             storage.remove_stale_temp_files(self._snapshot_dir(trainer, pl_module))  # half-written snapshots of a dead run
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         problem, snapshot_dir = None, None
-        if _base.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own shards) when sharded
+        if _dist.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own shards) when sharded
             snapshot_dir = self._snapshot_dir(trainer, pl_module)
             missing = [r["file"] for r in self._records if not (snapshot_dir / r["file"]).is_file()]
             if missing:
@@ -443,9 +443,9 @@ class _CheckpointAveraging(_base.SoupCallback):
                     f"{str(snapshot_dir)!r}: {missing}. Restore them, pass the `dirpath` the run used, or start "
                     "the average afresh by removing this callback's state from the checkpoint."
                 )
-        _base.raise_on_every_rank(trainer, problem)
+        _dist.raise_on_every_rank(trainer, problem)
         if snapshot_dir is not None:
-            self._store = _SnapshotStore(snapshot_dir, self.snapshots, _base.module_tensors(pl_module))
+            self._store = _SnapshotStore(snapshot_dir, self.snapshots, _tensors.module_tensors(pl_module))
             if self._records:
                 self._store.rebuild([r["file"] for r in self._records])
 
@@ -483,7 +483,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         dirpath = self._dir if self._dir is not None else self.dirpath_for(trainer)
         _base.save_final_weights(trainer, pl_module, dirpath)
         if not self._records:
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer,
                 "CheckpointAveraging took no snapshot (training stopped before the first one was due: "
                 f"{self._schedule_text()}), so the module keeps its trained weights and no average is written.",
@@ -498,13 +498,13 @@ class _CheckpointAveraging(_base.SoupCallback):
             except Exception as e:  # e.g. a snapshot file removed or unreadable: tell every rank, not only this one
                 problem, error = f"CheckpointAveraging could not compute the average: {e}", e
         # Every rank learns whether every owner succeeded before entering the next collective, so none waits forever.
-        _base.raise_on_every_rank(trainer, problem, error)
-        _base.broadcast_module_(trainer, pl_module)
-        self.average_path = _base.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
+        _dist.raise_on_every_rank(trainer, problem, error)
+        _dist.broadcast_module_(trainer, pl_module)
+        self.average_path = _tensors.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
         if self.verbose:
             from lightning_soup.callbacks._report import averaging_table
 
-            _base.print_on_rank_zero(trainer, averaging_table(self.recipe, self.average_path))
+            _dist.print_on_rank_zero(trainer, averaging_table(self.recipe, self.average_path))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -523,7 +523,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         # Recomputed from the snapshots, oldest first: no add/evict rounding is left in the result.
         store.flush()
         store.rebuild([r["file"] for r in self._records])
-        live = _base.module_tensors(pl_module)
+        live = _tensors.module_tensors(pl_module)
         store.mean_into_([live[k] for k in store.float_keys], len(self._records))
         newest = store.load(self._records[-1]["file"])
         integer = {k: v for k, v in newest.items() if not v.is_floating_point()}
@@ -534,7 +534,7 @@ class _CheckpointAveraging(_base.SoupCallback):
     def _snapshot_dir(self, trainer: Any, pl_module: Any) -> Path:
         """``dirpath/snapshots`` (rank zero's) under DDP, ``dirpath/snapshots/rank{R}`` (this rank's shards) when sharded."""
         root = self._dir if self._dir is not None else self.dirpath_for(trainer)
-        return _base.rank_dir(trainer, pl_module, root, _SNAPSHOT_DIR)
+        return _dist.rank_dir(trainer, pl_module, root, _SNAPSHOT_DIR)
 
     def _snapshot(self, trainer: Any, pl_module: Any, on_epoch: bool) -> None:
         record = {
@@ -552,7 +552,7 @@ class _CheckpointAveraging(_base.SoupCallback):
                 self._since_exact = 0
                 exact = [r["file"] for r in self._records]
         if self._store is not None:
-            self._store.push(record["file"], _base.module_tensors(pl_module), evicted, exact, self._file_recipe(record))
+            self._store.push(record["file"], _tensors.module_tensors(pl_module), evicted, exact, self._file_recipe(record))
             self._delete_unneeded(evicted)
         if self.validate_average:
             self._log_average_metrics(trainer, pl_module, on_epoch)
@@ -575,9 +575,9 @@ class _CheckpointAveraging(_base.SoupCallback):
         # The raw weights go back, bit for bit, after the pass (a transient copy while it runs).
         with _evaluate.preserved_weights(pl_module):
             if self._store is not None:
-                live = _base.module_tensors(pl_module)
+                live = _tensors.module_tensors(pl_module)
                 self._store.mean_into_([live[k] for k in self._store.float_keys], len(self._records))
-            _base.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
+            _dist.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
             metrics = _evaluate.evaluate(trainer, pl_module)
         for name, value in metrics.items():
             pl_module.log(

@@ -21,7 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_soup import storage
-from lightning_soup.callbacks import _base, _report
+from lightning_soup.callbacks import _base, _dist, _report, _tensors
 from lightning_soup.callbacks._constraint import Bound, parse_constraint, satisfies, total_violation
 from lightning_soup.errors import SoupError
 
@@ -182,7 +182,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        _base.check_strategy(trainer, self)
+        _dist.check_strategy(trainer, self)
         if self._evaluates and trainer.limit_val_batches == 0:
             raise SoupError(
                 f"{_NAME}(monitor={self.monitor!r}, constraint={self._constraint_text()!r}) scores the blend ratios "
@@ -206,7 +206,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             # (ModelParallelStrategy), so the initial weights are committed in on_train_start, once it is known
             # whether this fit resumes.
             recipe = {"method": "anchor", "anchor": "initial", "global_step": trainer.global_step}
-            _base.write_module_weights(trainer, pl_module, self._path(_PENDING_ANCHOR_FILE), recipe)
+            _tensors.write_module_weights(trainer, pl_module, self._path(_PENDING_ANCHOR_FILE), recipe)
             self._pending_anchor = True
 
     @override
@@ -225,14 +225,14 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             # Resuming from a checkpoint without this callback's state (another `dirpath` or `anchor`, or a
             # weights-only checkpoint): the first fit's weights are unknown, so the resumed weights stand in for them
             # (with late-restoring strategies, the pending file holds the weights from before the restore).
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer,
                 f"{_NAME}(anchor='initial'): resuming from {str(trainer.ckpt_path)!r}, which holds no state of this "
                 f"callback (state key {self.state_key}), so the anchor is the weights this fit resumed from, not "
                 "those the original run started with. Resume with the same `dirpath` to keep that anchor.",
             )
             recipe = {"method": "anchor", "anchor": "resumed", "global_step": trainer.global_step}
-            _base.write_module_weights(trainer, pl_module, self._anchor_path(), recipe)
+            _tensors.write_module_weights(trainer, pl_module, self._anchor_path(), recipe)
             if trainer.is_global_zero:
                 pending.unlink(missing_ok=True)
         elif trainer.is_global_zero:
@@ -262,9 +262,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
 
         dirpath = self._output_dir()
         _base.save_final_weights(trainer, pl_module, dirpath)
-        keys, live = _base.floating_items(_base.module_tensors(pl_module))
+        keys, live = _tensors.floating_items(_tensors.module_tensors(pl_module))
         # Rank zero reads the file and sends each rank its part; the anchor keeps its own dtypes.
-        anchor_state = _base.read_local_shards(trainer, pl_module, self._anchor_path(), keys)
+        anchor_state = _dist.read_local_shards(trainer, pl_module, self._anchor_path(), keys)
         anchor = [anchor_state.pop(k) for k in keys]
         weights = {r: layer_weights(keys, r, self.layer_ratios) for r in self.ratios}
         with torch.no_grad():
@@ -284,11 +284,11 @@ class _TaskArithmeticBlend(_base.SoupCallback):
                 rows, index, met = [], 0, None
                 assign_lerp_(live, anchor, live, weights[self.ratios[0]])
         del anchor
-        _base.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module)
 
         self.result = self._summary(rows, index, met)
         if met is False:
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer,
                 f"{_NAME}: no ratio in {self.ratios} satisfies `constraint` {self._constraint_text()}; falling back "
                 f"to ratio {self.ratios[index]:g}, the closest to satisfying it (smallest total normalised "
@@ -305,13 +305,13 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             "scores": [{"ratio": c["ratio"], "score": c["score"], "meets_constraint": c["meets_constraint"]}
                        for c in self.result["candidates"]],
         }
-        _base.write_module_weights(trainer, pl_module, dirpath / BLENDED_FILE, _json_safe(recipe))
+        _tensors.write_module_weights(trainer, pl_module, dirpath / BLENDED_FILE, _json_safe(recipe))
         if trainer.is_global_zero:
             storage.write_json(_json_safe(self.result), dirpath / REPORT_FILE)
             if rows:
                 self._write_plot(trainer, dirpath / PLOT_FILE)
         self._log_metrics(trainer)
-        _base.print_on_rank_zero(
+        _dist.print_on_rank_zero(
             trainer,
             _report.blend_table(
                 self.result["candidates"],
@@ -367,7 +367,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         keys = [k for k, v in pl_module.state_dict().items() if v.is_floating_point()]
         unused = [p for p in self.layer_ratios if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
         if unused:
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer,
                 f"{_NAME}: `layer_ratios` patterns {unused} match no floating-point key of the module, so they have "
                 f"no effect. Keys look like {keys[:3]}.",
@@ -432,7 +432,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
                 bounds=[(b.metric, b.op, b.threshold) for b in self.constraint],
             )
         except ImportError:
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer,
                 f"{_NAME}: matplotlib is not installed, so {path.name} was not written (the table is in "
                 f"{REPORT_FILE}). For the plot: pip install lightning-soup[plot]",

@@ -55,7 +55,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_soup import storage
-from lightning_soup.callbacks import _base, _evaluate
+from lightning_soup.callbacks import _base, _dist, _evaluate, _tensors
 from lightning_soup.errors import SoupError
 from lightning_soup.merge import _inplace
 
@@ -196,7 +196,7 @@ class _GreedySoup(_base.SoupCallback):
         if stage != "fit":
             return
         self._reset()  # a new fit starts a new soup; a resumed fit loads its state right after setup
-        _base.check_strategy(trainer, self)
+        _dist.check_strategy(trainer, self)
         if trainer.limit_val_batches == 0:
             raise SoupError(
                 "GreedySoup scores its ingredients and candidates with your validation loop, but validation is "
@@ -237,13 +237,13 @@ class _GreedySoup(_base.SoupCallback):
         self._entries.append(entry)
         if not math.isfinite(score):
             entry["reason"] = f"non-finite {self.monitor} ({score})"
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer, f"GreedySoup skips the weights of epoch {epoch} (step {step}): {self.monitor} is {score}."
             )
             return
         if not self._weights_finite(trainer, pl_module):
             entry["reason"] = "non-finite weights"
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer, f"GreedySoup skips the weights of epoch {epoch} (step {step}): they contain NaN or inf."
             )
             return
@@ -265,7 +265,7 @@ class _GreedySoup(_base.SoupCallback):
             tried = self._offline_finish(trainer, pl_module)
         if tried is None:
             reasons = "; ".join(f"epoch {e['epoch']}: {e['reason']}" for e in self._entries) or "no validation ran"
-            _base.warn_on_rank_zero(
+            _dist.warn_on_rank_zero(
                 trainer,
                 f"GreedySoup has no ingredient to make a soup from ({reasons}), so the module keeps its trained "
                 "weights and no soup is written.",
@@ -276,7 +276,7 @@ class _GreedySoup(_base.SoupCallback):
             trainer.strategy.barrier("lightning_soup.greedy_soup.recipe")
             return
         self.recipe = self._recipe(tried, self.soup_score)
-        self.soup_path = _base.write_module_weights(trainer, pl_module, dirpath / _SOUP_FILE, self.recipe)
+        self.soup_path = _tensors.write_module_weights(trainer, pl_module, dirpath / _SOUP_FILE, self.recipe)
         if trainer.is_global_zero:
             storage.write_json(self.recipe, dirpath / _RECIPE_FILE)
         self._delete_unneeded(trainer)
@@ -285,14 +285,14 @@ class _GreedySoup(_base.SoupCallback):
         if self.verbose:
             from lightning_soup.callbacks._report import greedy_soup_table
 
-            _base.print_on_rank_zero(trainer, greedy_soup_table(self.recipe))
+            _dist.print_on_rank_zero(trainer, greedy_soup_table(self.recipe))
 
     # ------------------------------------------------------------------------------------------------ ingredients
     def _better(self, a: float, b: float) -> bool:
         return a > b if self.mode == "max" else a < b
 
     def _weights_finite(self, trainer: Any, pl_module: Any) -> bool:
-        finite = _inplace.all_finite(list(_base.module_tensors(pl_module).values()))
+        finite = _inplace.all_finite(list(_tensors.module_tensors(pl_module).values()))
         # Every rank must agree (shards differ; replicas' buffers may too): one non-finite part skips it everywhere.
         return bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
 
@@ -313,9 +313,9 @@ class _GreedySoup(_base.SoupCallback):
         name = f"{_INGREDIENT_DIR}/epoch={entry['epoch']}-step={entry['step']}.safetensors"
         recipe = {"method": "greedy_soup_ingredient", "monitor": self.monitor, "score": entry["score"]}
         recipe.update(epoch=entry["epoch"], step=entry["step"])
-        if _base.owns_state(trainer, pl_module):
+        if _dist.owns_state(trainer, pl_module):
             # This rank's tensors (its own shards when sharded): nothing is gathered during training.
-            live = {k: v.detach() for k, v in _base.module_tensors(pl_module).items()}
+            live = {k: v.detach() for k, v in _tensors.module_tensors(pl_module).items()}
             storage.save_state_dict(live, self._state_path(trainer, pl_module, name), recipe=recipe)
         trainer.strategy.barrier("lightning_soup.greedy_soup.ingredient")
         entry.update(status="kept", file=name)
@@ -339,7 +339,7 @@ class _GreedySoup(_base.SoupCallback):
         if self._online is not None:
             names.append(self._online["file"])
         problem = None
-        if _base.owns_state(trainer, pl_module):
+        if _dist.owns_state(trainer, pl_module):
             paths = [self._state_path(trainer, pl_module, n) for n in names]
             missing = [str(p) for p in paths if not p.is_file()]
             if missing:
@@ -349,8 +349,8 @@ class _GreedySoup(_base.SoupCallback):
                     "from the checkpoint."
                 )
             else:
-                problem = _mismatch(paths, _base.module_tensors(pl_module))
-        if _base.world_size(trainer) > 1:
+                problem = _mismatch(paths, _tensors.module_tensors(pl_module))
+        if _dist.world_size(trainer) > 1:
             ok = trainer.strategy.reduce_boolean_decision(problem is None, all=True)
             if not ok and problem is None:
                 problem = "GreedySoup: another rank found missing or mismatched files (see its error message)."
@@ -365,12 +365,12 @@ class _GreedySoup(_base.SoupCallback):
         if not kept:
             return None
         self._check_files(trainer, pl_module)
-        owner = _base.owns_state(trainer, pl_module)
+        owner = _dist.owns_state(trainer, pl_module)
         paths = [self._state_path(trainer, pl_module, e["file"]) if owner else None for e in kept]
         sources = [_Ingredient(path, trainer, pl_module) for path in paths]
 
         def score(candidate: Mapping[str, Tensor]) -> float:
-            _base.load_into_module_(pl_module, candidate)
+            _tensors.load_into_module_(pl_module, candidate)
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
             return float(trainer.strategy.broadcast(local, src=0))
 
@@ -379,11 +379,11 @@ class _GreedySoup(_base.SoupCallback):
         finally:
             for source in sources:
                 source.close()
-        _base.load_into_module_(pl_module, soup)
+        _tensors.load_into_module_(pl_module, soup)
         del soup
         # Every rank computed the same soup; rank zero's copy settles any last-bit difference between hosts, and
         # under FSDP2 gives every rank rank zero's buffers (FSDP2 does not synchronise them).
-        _base.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module)
         tried = []
         for step in recipe:
             entry = kept[step["index"]]
@@ -402,9 +402,9 @@ class _GreedySoup(_base.SoupCallback):
         if soup is None:
             self._online_restart(trainer, pl_module, entry, "accepted")
             return
-        owner = _base.owns_state(trainer, pl_module)
-        live = _base.module_tensors(pl_module)
-        float_keys, floats = _base.floating_items(live)
+        owner = _dist.owns_state(trainer, pl_module)
+        live = _tensors.module_tensors(pl_module)
+        float_keys, floats = _tensors.floating_items(live)
         sums: list[Tensor] = []
         stored: dict[str, Tensor] = {}
         with _evaluate.preserved_weights(pl_module):
@@ -417,8 +417,8 @@ class _GreedySoup(_base.SoupCallback):
                     _inplace.assign_mean_(floats, sums, soup["count"] + 1)
                     ints = [k for k in live if k not in set(float_keys)]
                     _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
-            if not _base.keeps_state_per_rank(trainer, pl_module):
-                _base.broadcast_module_(trainer, pl_module)  # DDP: rank zero alone holds the soup
+            if not _dist.keeps_state_per_rank(trainer, pl_module):
+                _dist.broadcast_module_(trainer, pl_module)  # DDP: rank zero alone holds the soup
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
             candidate = float(trainer.strategy.broadcast(local, src=0))
         # The raw training weights are back in the module.
@@ -440,9 +440,9 @@ class _GreedySoup(_base.SoupCallback):
     def _online_restart(self, trainer: Any, pl_module: Any, entry: dict[str, Any], status: str) -> None:
         """Make the module's current weights (alone) the soup."""
         name = self._online_name(entry)
-        if _base.owns_state(trainer, pl_module):
-            live = _base.module_tensors(pl_module)
-            float_keys, floats = _base.floating_items(live)
+        if _dist.owns_state(trainer, pl_module):
+            live = _tensors.module_tensors(pl_module)
+            float_keys, floats = _tensors.floating_items(live)
             state = {k: v.detach() for k, v in live.items()}
             state.update(zip(float_keys, _inplace.float32_copy([t.detach() for t in floats])))
             storage.save_state_dict(state, self._state_path(trainer, pl_module, name), recipe=self._sum_recipe())
@@ -457,16 +457,16 @@ class _GreedySoup(_base.SoupCallback):
         if soup is None:
             return None
         self._check_files(trainer, pl_module)
-        if _base.owns_state(trainer, pl_module):
-            live = _base.module_tensors(pl_module)
-            float_keys, floats = _base.floating_items(live)
+        if _dist.owns_state(trainer, pl_module):
+            live = _tensors.module_tensors(pl_module)
+            float_keys, floats = _tensors.floating_items(live)
             stored = storage.load_state_dict(self._state_path(trainer, pl_module, soup["file"]))
             with torch.no_grad():
                 _inplace.assign_mean_(floats, [stored[k].to(t.device) for k, t in zip(float_keys, floats)], soup["count"])
                 ints = [k for k in live if k not in set(float_keys)]
                 _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
             del stored
-        _base.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module)
         self.soup_score = soup["score"]
         tried = [dict(e) for e in self._entries if e["status"] in ("accepted", "rejected", "restarted")]
         start = max(i for i, e in enumerate(tried) if e["status"] == "restarted") if any(
@@ -519,12 +519,12 @@ class _GreedySoup(_base.SoupCallback):
         """Where ``name`` (``"ingredients/<file>"`` or ``"online/<file>"``) lives for this rank: in
         ``dirpath/<folder>/`` (rank zero's) under DDP, in ``dirpath/<folder>/rank{R}/`` when sharded."""
         folder, _, file = name.partition("/")
-        return _base.rank_dir(trainer, pl_module, self._root(trainer), folder) / file
+        return _dist.rank_dir(trainer, pl_module, self._root(trainer), folder) / file
 
     def _owned_paths(self, trainer: Any, name: str) -> list[Path]:
         """The files of ``name`` this rank is responsible for (for deletion)."""
         pl_module = trainer.lightning_module
-        return [self._state_path(trainer, pl_module, name)] if _base.owns_state(trainer, pl_module) else []
+        return [self._state_path(trainer, pl_module, name)] if _dist.owns_state(trainer, pl_module) else []
 
 
 def _mismatch(paths: list[Path], live: Mapping[str, Tensor]) -> str | None:
@@ -556,12 +556,12 @@ class _Ingredient(Mapping[str, Tensor]):
 
     def __init__(self, path: Path | None, trainer: Any, pl_module: Any) -> None:
         self.path = path  # None on ranks that receive it
-        self._template = _base.module_tensors(pl_module)  # shapes/dtypes/devices; local shards when sharded
+        self._template = _tensors.module_tensors(pl_module)  # shapes/dtypes/devices; local shards when sharded
         distributed = (
-            _base.world_size(trainer) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+            _dist.world_size(trainer) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         )
-        self._broadcast = distributed and not _base.keeps_state_per_rank(trainer, pl_module)
-        self._reads = _base.owns_state(trainer, pl_module)
+        self._broadcast = distributed and not _dist.keeps_state_per_rank(trainer, pl_module)
+        self._reads = _dist.owns_state(trainer, pl_module)
         self._lazy: storage.LazyStateDict | None = None
 
     def __getitem__(self, key: str) -> Tensor:

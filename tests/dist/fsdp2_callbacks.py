@@ -26,7 +26,7 @@ from _common import (
     trainer_kwargs,
     write_result,
 )
-from lightning_soup.callbacks import _base
+from lightning_soup.callbacks import _dist, _tensors
 
 pl, soup = flavour(sys.argv[1])
 OUT = out_dir()
@@ -101,8 +101,8 @@ def main() -> None:
     save_file(full_state(model), str(OUT / f"module_rank{rank}.safetensors"))
     # The soup's weights, validated again: the score GreedySoup recorded must be what trainer.validate reports.
     soup_path = OUT / "soup" / "soup.safetensors"
-    _base.load_into_module_(model, _base.read_local_shards(trainer, model, soup_path))
-    _base.broadcast_module_(trainer, model)
+    _tensors.load_into_module_(model, _dist.read_local_shards(trainer, model, soup_path))
+    _dist.broadcast_module_(trainer, model)
     validated = trainer.validate(model, verbose=False)[0]
     write_result(
         rank,

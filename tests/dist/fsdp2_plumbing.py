@@ -1,4 +1,4 @@
-"""FSDP2 on CPU (gloo), 2 ranks: the shard-local plumbing in ``lightning_soup.callbacks._base``.
+"""FSDP2 on CPU (gloo), 2 ranks: the shard-local plumbing in ``lightning_soup.callbacks._dist`` and ``._tensors``.
 
 At ``on_train_end`` (right after a validation run, when FSDP2 may have left the root's parameters unsharded) the
 probe writes new weights into the local shards and checks that a forward pass uses them; it also exercises the
@@ -22,7 +22,7 @@ from _common import (
     trainer_kwargs,
     write_result,
 )
-from lightning_soup.callbacks import _base
+from lightning_soup.callbacks import _base, _dist, _tensors
 
 pl, soup = flavour(sys.argv[1])
 OUT = out_dir()
@@ -31,19 +31,19 @@ result: dict = {}
 
 class Probe(pl.Callback):
     def setup(self, trainer, pl_module, stage):
-        _base.check_strategy(trainer)
+        _dist.check_strategy(trainer)
         result["setup"] = {
-            "sharded": _base.is_sharded(pl_module),
-            "owns_state": _base.owns_state(trainer, pl_module),
-            "rank_dir": str(_base.rank_dir(trainer, pl_module, OUT / "soup", ".state").relative_to(OUT)),
+            "sharded": _dist.is_sharded(pl_module),
+            "owns_state": _dist.owns_state(trainer, pl_module),
+            "rank_dir": str(_dist.rank_dir(trainer, pl_module, OUT / "soup", ".state").relative_to(OUT)),
         }
 
     @torch.no_grad()
     def on_train_end(self, trainer, pl_module):
         rank = trainer.global_rank
         state = pl_module.state_dict()
-        live = _base.module_tensors(pl_module)
-        result["end"] = {"sharded": _base.is_sharded(pl_module), "owns_state": _base.owns_state(trainer, pl_module)}
+        live = _tensors.module_tensors(pl_module)
+        result["end"] = {"sharded": _dist.is_sharded(pl_module), "owns_state": _dist.owns_state(trainer, pl_module)}
         result["global_shapes"] = {k: list(v.shape) for k, v in state.items()}
         result["local_shapes"] = {k: list(v.shape) for k, v in live.items()}
         result["local_is_live"] = all(
@@ -54,30 +54,30 @@ class Probe(pl.Callback):
         before = full_state(pl_module)
         save_file(before, str(OUT / f"before_rank{rank}.safetensors"))
         result["local_shard_matches"] = all(
-            torch.equal(_base.local_shard(before[k], state[k]), live[k].cpu())
+            torch.equal(_dist.local_shard(before[k], state[k]), live[k].cpu())
             for k in state
-            if _base._is_dtensor(state[k])
+            if _dist._is_dtensor(state[k])
         )
 
         # The gather-one-tensor-at-a-time writer (rank zero writes) and the rank-zero reader that scatters shards.
-        path = _base.write_module_weights(trainer, pl_module, OUT / "written.safetensors", {"method": "probe"})
-        shards = _base.read_local_shards(trainer, pl_module, path)
+        path = _tensors.write_module_weights(trainer, pl_module, OUT / "written.safetensors", {"method": "probe"})
+        shards = _dist.read_local_shards(trainer, pl_module, path)
         # Shards are this rank's own; the other entries (buffers, which FSDP2 does not synchronise) are rank zero's.
-        zero = trainer.strategy.broadcast({k: v for k, v in before.items() if not _base._is_dtensor(state[k])})
+        zero = trainer.strategy.broadcast({k: v for k, v in before.items() if not _dist._is_dtensor(state[k])})
         result["read_back_equal"] = all(
-            torch.equal(shards[k].cpu(), live[k].cpu() if _base._is_dtensor(state[k]) else zero[k]) for k in live
+            torch.equal(shards[k].cpu(), live[k].cpu() if _dist._is_dtensor(state[k]) else zero[k]) for k in live
         )
 
         # New weights, the same on every rank, written shard-locally; buffers stay each rank's own until broadcast.
         new = {k: v * 0.5 + 0.1 if v.is_floating_point() else v for k, v in before.items()}
         local_new = {
-            k: _base.local_shard(new[k], state[k]).clone() if _base._is_dtensor(state[k]) else live[k].clone()
+            k: _dist.local_shard(new[k], state[k]).clone() if _dist._is_dtensor(state[k]) else live[k].clone()
             for k in state
         }
-        _base.load_into_module_(pl_module, local_new)
-        buffers = [k for k in state if not _base._is_dtensor(state[k])]
+        _tensors.load_into_module_(pl_module, local_new)
+        buffers = [k for k in state if not _dist._is_dtensor(state[k])]
         result["buffers_differ_before_broadcast"] = any(not torch.equal(zero[k], before[k]) for k in buffers)
-        _base.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module)
 
         pl_module.eval()
         x = torch.linspace(-2, 2, 5 * 8).reshape(5, 8)
@@ -88,14 +88,14 @@ class Probe(pl.Callback):
 
         # FSDP2 keeps the root's gathered parameters after an evaluation forward: writes into shard tensors taken
         # before that forward are only seen by the next forward once the module is resharded.
-        live = _base.module_tensors(pl_module)
+        live = _tensors.module_tensors(pl_module)
         pl_module(x)  # root parameters (BatchNorm's weight and bias) stay gathered
         for cached_write_then_reshard in (False, True):
             if cached_write_then_reshard:
-                _base.reshard_(pl_module)
+                _dist.reshard_(pl_module)
             with torch.no_grad():
                 for k, v in live.items():
-                    if v.is_floating_point() and _base._is_dtensor(state[k]):
+                    if v.is_floating_point() and _dist._is_dtensor(state[k]):
                         v.add_(1.0)
             save_file(
                 {"y": pl_module(x).detach().contiguous(), **{f"w/{k}": v for k, v in full_state(pl_module).items()}},
@@ -104,14 +104,14 @@ class Probe(pl.Callback):
 
         # A problem found on rank 1 alone is raised on both ranks, with rank 1's message.
         try:
-            _base.raise_on_every_rank(trainer, "rank 1 misses its shard file" if rank == 1 else None)
+            _dist.raise_on_every_rank(trainer, "rank 1 misses its shard file" if rank == 1 else None)
             result["raised_everywhere"] = None
         except soup.SoupError as e:
             result["raised_everywhere"] = str(e)
-        _base.raise_on_every_rank(trainer, None)  # no problem: returns on every rank
+        _dist.raise_on_every_rank(trainer, None)  # no problem: returns on every rank
 
         try:  # a per-rank file from another sharding is refused with a hint
-            _base.load_into_module_(pl_module, {k: before[k] for k in state})
+            _tensors.load_into_module_(pl_module, {k: before[k] for k in state})
             result["full_shapes_refused"] = None
         except soup.SoupError as e:
             result["full_shapes_refused"] = str(e)
