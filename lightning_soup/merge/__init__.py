@@ -18,14 +18,36 @@ Example:
 from lightning_soup.merge.average import uniform_soup, weighted_average
 from lightning_soup.merge.dare import dare
 from lightning_soup.merge.greedy import greedy_soup
+from lightning_soup.merge.lora import (
+    LoraPair,
+    LoraReport,
+    combine_factors,
+    delta_weight,
+    lora_interpolate,
+    lora_keys,
+    lora_pairs,
+    lora_task_arithmetic,
+    lora_uniform_soup,
+    lora_weighted_average,
+)
 from lightning_soup.merge.slerp import slerp
 from lightning_soup.merge.task_arithmetic import interpolate, task_arithmetic, task_vector
 from lightning_soup.merge.ties import ties
 
 __all__ = [
+    "LoraPair",
+    "LoraReport",
+    "combine_factors",
     "dare",
+    "delta_weight",
     "greedy_soup",
     "interpolate",
+    "lora_interpolate",
+    "lora_keys",
+    "lora_pairs",
+    "lora_task_arithmetic",
+    "lora_uniform_soup",
+    "lora_weighted_average",
     "slerp",
     "task_arithmetic",
     "task_vector",
