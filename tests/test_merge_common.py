@@ -60,6 +60,10 @@ CASES = [
     Case("ties", lambda s: merge.ties(s[0], s[1:], 0.5, 0.8), 0, 1),
     Case("dare", lambda s: merge.dare(s[0], s[1:], 0.5, 1.2, seed=3), 0, 1),
     Case("slerp", lambda s: merge.slerp(s[0], s[1], 0.3), 1, 1),
+    Case("tsv_merge", lambda s: merge.tsv_merge(s[0], s[1:], 0.8), 0, 0),
+    Case("iso_c", lambda s: merge.iso_c(s[0], s[1:], 1.2), 0, 0),
+    Case("iso_cts", lambda s: merge.iso_cts(s[0], s[1:], 1.2, common_fraction=0.5), 0, 0),
+    Case("model_stock", lambda s: merge.model_stock(s[0], s[1:]), 0, 0),
     Case("greedy_soup", lambda s: merge.greedy_soup(s, _evaluate, scores=[1.0, 3.0, 2.0])[0], 1, 1),
 ]
 IDS = [c.name for c in CASES]
@@ -120,7 +124,7 @@ def test_key_by_key_equals_whole_dict(case: Case) -> None:
 
 
 LAZY = {"uniform_soup": 3, "weighted_average": 3, "interpolate": 2, "interpolate_layers": 2, "ties": 3, "dare": 3,
-        "slerp": 2, "greedy_soup": 3}
+        "slerp": 2, "greedy_soup": 3, "tsv_merge": 3, "iso_c": 3, "iso_cts": 3, "model_stock": 3}
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in LAZY], ids=list(LAZY))

@@ -18,6 +18,8 @@ Example:
 from lightning_soup.merge.average import uniform_soup, weighted_average
 from lightning_soup.merge.dare import dare
 from lightning_soup.merge.greedy import greedy_soup
+from lightning_soup.merge.iso_c import iso_c
+from lightning_soup.merge.iso_cts import iso_cts
 from lightning_soup.merge.lora import (
     LoraPair,
     LoraReport,
@@ -30,9 +32,11 @@ from lightning_soup.merge.lora import (
     lora_uniform_soup,
     lora_weighted_average,
 )
+from lightning_soup.merge.model_stock import model_stock
 from lightning_soup.merge.slerp import slerp
 from lightning_soup.merge.task_arithmetic import interpolate, task_arithmetic, task_vector
 from lightning_soup.merge.ties import ties
+from lightning_soup.merge.tsv import tsv_merge
 
 __all__ = [
     "LoraPair",
@@ -42,16 +46,20 @@ __all__ = [
     "delta_weight",
     "greedy_soup",
     "interpolate",
+    "iso_c",
+    "iso_cts",
     "lora_interpolate",
     "lora_keys",
     "lora_pairs",
     "lora_task_arithmetic",
     "lora_uniform_soup",
     "lora_weighted_average",
+    "model_stock",
     "slerp",
     "task_arithmetic",
     "task_vector",
     "ties",
+    "tsv_merge",
     "uniform_soup",
     "weighted_average",
 ]

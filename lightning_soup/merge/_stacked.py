@@ -1,0 +1,114 @@
+"""Shared by the merges that combine the task vectors of one tensor as a whole (TSV, Iso-C, Iso-CTS, Model Stock).
+
+Each of those methods is a function ``delta(taus) -> Δ`` of one key's task vectors, stacked as ``taus`` (``T × shape``,
+float32 or float64, on base's device); the result for that key is ``base + alpha·Δ``. :func:`merge_state_dicts`
+checks the inputs and maps :func:`merge_tensor` over the keys, so merging one key at a time (the CLI streams that
+way) gives exactly the whole-dict result. No host sync: every branch is on shapes and Python numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_soup.errors import SoupError
+from lightning_soup.merge._checks import check_real, check_state_dict, check_state_dicts
+from lightning_soup.merge._core import acc_dtype, copy_non_floating, move, prepare
+
+#: ``delta(taus)``: the merged update of one tensor from its stacked task vectors ``(T, *shape)``
+Delta = Callable[[Tensor], Tensor]
+
+
+def merge_state_dicts(
+    base: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    delta: Delta,
+    alpha: float,
+    min_finetuned: int = 1,
+) -> dict[str, Tensor]:
+    """``base + alpha·delta(τ₁ … τ_T)`` for every floating key; non-floating tensors copied from `base`.
+
+    Raises:
+        SoupError: for a non-mapping or incompatible input, fewer than `min_finetuned` fine-tunes, or a
+            non-finite `alpha`.
+    """
+    bs = check_state_dict(base, "base")
+    fts = check_state_dicts(finetuned, "finetuned")
+    if len(fts) < min_finetuned:
+        raise SoupError(
+            f"`finetuned` holds {len(fts)} state dict{'' if len(fts) == 1 else 's'}; this method needs at least "
+            f"{min_finetuned} fine-tunes of `base`."
+        )
+    alpha = check_real(alpha, "alpha")
+    names = ["base"] + [f"finetuned[{i}]" for i in range(len(fts))]
+    bs, *fts = prepare([bs, *fts], names)
+    result = copy_non_floating(bs, [k for k, t in bs.items() if not t.is_floating_point()])
+    for k, b in bs.items():
+        if b.is_floating_point():
+            result[k] = merge_tensor(b, [ft[k] for ft in fts], delta, alpha)
+    return {k: result[k] for k in bs}
+
+
+def merge_tensor(base: Tensor, finetuned: Sequence[Tensor], delta: Delta, alpha: float) -> Tensor:
+    """One key: stack ``τᵢ = finetunedᵢ − base`` in float32 (float64 if any input is) on base's device, apply
+    `delta`, return ``base + alpha·Δ`` rounded once into base's dtype. Peak: about ``3·T`` copies of the tensor
+    in the accumulation dtype (the task vectors and the SVD factors), whatever the model size."""
+    acc = acc_dtype(base.dtype, *(t.dtype for t in finetuned))
+    b = move(base, acc, base.device)
+    taus = torch.empty((len(finetuned), *base.shape), dtype=acc, device=base.device)
+    for i, ft in enumerate(finetuned):
+        torch.sub(move(ft, acc, base.device), b, out=taus[i])
+    out = torch.add(b, delta(taus), alpha=alpha)
+    return out if out.dtype == base.dtype else out.to(base.dtype)
+
+
+def is_matrix(taus: Tensor) -> bool:
+    """Whether the SVD formulas apply: a 2-D tensor with at least one entry (``taus`` is ``T × m × n``)."""
+    return taus.ndim == 3 and taus.shape[1] > 0 and taus.shape[2] > 0
+
+
+def polar(x: Tensor) -> Tensor:
+    """The orthogonal polar factor ``P @ Qh`` of ``x = P·Σ·Qh`` (reduced SVD), batched over leading dimensions.
+
+    It is the semi-orthogonal matrix nearest to `x` in Frobenius norm (orthonormal columns when `x` is tall,
+    orthonormal rows when it is wide): TSV's "orthogonalisation" of the concatenated singular vectors.
+    """
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def polar_pair(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:
+    """``polar(u), polar(vh)``, as one batched SVD when ``u`` and ``vhᵀ`` have the same shape (square weights)."""
+    if u.shape == vh.mT.shape:
+        both = polar(torch.stack((u, vh.mT)))
+        return both[0], both[1].mT
+    return polar(u), polar(vh)
+
+
+def concat_top(u: Tensor, s: Tensor, vh: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-`k` parts of T batched SVDs side by side, task by task: ``m × Tk``, ``Tk``, ``Tk × n``.
+
+    Column ``i·k + j`` of the first is ``u[i][:, j]``, row ``i·k + j`` of the last is ``vh[i][j]``.
+    """
+    t, m, _ = u.shape
+    n = vh.shape[-1]
+    return (
+        u[:, :, :k].permute(1, 0, 2).reshape(m, t * k),
+        s[:, :k].reshape(t * k),
+        vh[:, :k, :].reshape(t * k, n),
+    )
+
+
+def check_fraction(value: object, name: str) -> float:
+    """Return `value` as a float in ``[0, 1]``; raise :class:`SoupError` naming `name` otherwise."""
+    x = None
+    try:
+        x = check_real(value, name)
+    except SoupError:
+        pass
+    if x is None or not 0.0 <= x <= 1.0 or math.isnan(x):
+        raise SoupError(f"`{name}` must be a number in [0, 1], got {value!r}.")
+    return x

@@ -1,0 +1,106 @@
+"""Iso-CTS (Marczak et al., "No Task Left Behind: Isotropic Model Merging with Common and Task-Specific Subspaces",
+ICML 2025): isotropic merging in the common and task-specific subspaces, as in the paper's reference code.
+
+For each 2-D weight, with task vectors ``τᵢ = finetunedᵢ − base`` (``m × n``), ``T`` fine-tunes,
+``r = min(m, n)`` and ``f = common_fraction``::
+
+    s  = round((r − ⌊f·r⌋) / T), at most ⌊r/T⌋         (directions per task; Python's round, half to even)
+    kc = r − T·s                                         (the common subspace takes the rest of the rank budget)
+    U, S, Vh = svd(Σᵢ τᵢ);  Uc, Sc, Vhc = U[:, :kc], S[:kc], Vh[:kc]           (common subspace)
+    Uᵢ, Sᵢ, Vhᵢ = svd(τᵢ − Uc Ucᵀ τᵢ)                    (each task vector without its common part; batched)
+    U'  = [U₁[:, :s] … U_T[:, :s]  Uc]     (m × r)
+    S'  = [S₁[:s] … S_T[:s]  Sc]           (r)
+    Vh' = [Vh₁[:s]; …; Vh_T[:s]; Vhc]      (r × n)
+    Δ = mean(S') · polar(U') @ polar(Vh')   (polar(X) = P @ Qh for X = P Σ Qh: orthogonalised as in TSV)
+    result = base + alpha·Δ
+
+Iso-C's common subspace keeps the directions most tasks share; its least significant directions are replaced by
+each task's strongest directions outside it, so tasks that the sum under-represents are not left behind. Every
+floating tensor that is not 2-D gets ``Δ = mean(τᵢ)``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from lightning_soup.merge._stacked import check_fraction, concat_top, is_matrix, merge_state_dicts, polar_pair
+
+__all__ = ["iso_cts"]
+
+
+def iso_cts(
+    base: Mapping[str, Tensor],
+    finetuned: Sequence[Mapping[str, Tensor]],
+    alpha: float = 1.0,
+    common_fraction: float = 0.8,
+) -> dict[str, Tensor]:
+    """Merge fine-tunes of a common base by Iso-CTS: common plus task-specific subspaces, flat spectrum.
+
+    Behaviour beyond the formula (module docstring):
+
+    - **Not 2-D** (biases, norms, 0-d scalars, conv kernels): ``Δ = mean(τᵢ)``. A 2-D tensor with no entries is
+      returned as `base`'s values.
+    - **No room for task-specific directions** (``s = 0``: ``T > min(m, n)``, or ``common_fraction`` close to 1):
+      the common subspace is the whole rank budget and the result is exactly :func:`~lightning_soup.merge.iso_c`.
+      The reference code's rounding could ask for more task directions than the rank (``r = 2``, ``T = 3``,
+      ``f = 0``); the cap ``s ≤ ⌊r/T⌋`` prevents that.
+    - **bf16 / fp16 inputs**: the task vectors and every SVD are float32 (float64 when any input is float64);
+      the result is rounded once into `base`'s dtype. The SVDs run on `base`'s device.
+
+    Args:
+        base: the common base state dict.
+        finetuned: one or more fine-tuned state dicts (same keys and shapes as `base`).
+        alpha: multiplier of the merged update; any finite real (the paper tunes it on validation, ~1.0–1.5).
+        common_fraction: share of each matrix's rank given to the common subspace, in ``[0, 1]`` (paper: 0.8).
+
+    Returns:
+        A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device, non-floating
+        tensors copied from `base`.
+
+    Raises:
+        SoupError: for incompatible state dicts, an empty `finetuned`, a non-finite `alpha` or `common_fraction`
+            outside ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> base = {"w": torch.zeros(2, 2)}
+        >>> fts = [{"w": torch.tensor([[3.0, 0.0], [0.0, 0.0]])}, {"w": torch.tensor([[0.0, 0.0], [0.0, 1.0]])}]
+        >>> out = iso_cts(base, fts, common_fraction=0.0)  # kc = 0, s = 1: each task's own direction
+        >>> torch.allclose(out["w"], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))
+        True
+    """
+    fraction = check_fraction(common_fraction, "common_fraction")
+    return merge_state_dicts(base, finetuned, lambda taus: iso_cts_delta(taus, fraction), alpha)
+
+
+def subspace_sizes(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:
+    """``(kc, s)``: the common subspace's size and the directions per task for a matrix of rank budget `rank`.
+
+    Example:
+        >>> subspace_sizes(768, 8, 0.8), subspace_sizes(10, 3, 0.8), subspace_sizes(2, 3, 0.0)
+        ((616, 19), (7, 1), (2, 0))
+    """
+    per_task = min(round((rank - math.floor(common_fraction * rank)) / tasks), rank // tasks)
+    return rank - tasks * per_task, per_task
+
+
+def iso_cts_delta(taus: Tensor, common_fraction: float) -> Tensor:
+    """Iso-CTS's ``Δ`` of one tensor from its stacked task vectors ``taus`` (``T × shape``, float32/64)."""
+    if not is_matrix(taus):
+        return taus.mean(0)
+    t, m, n = taus.shape
+    kc, s = subspace_sizes(min(m, n), t, common_fraction)
+    u, sv, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    if s == 0:  # the common subspace is everything: Iso-C (U and Vh are already orthonormal)
+        return (u @ vh).mul_(sv.mean())
+    uc, sc, vhc = u[:, :kc], sv[:kc], vh[:kc]
+    specific = taus - uc @ (uc.mT @ taus)  # (T, m, n): each τᵢ without its component in the common subspace
+    ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
+    del specific
+    ut, st, vht = concat_top(ut, st, vht, s)  # (m, Ts), (Ts,), (Ts, n)
+    u, vh = polar_pair(torch.cat((ut, uc), 1), torch.cat((vht, vhc), 0))  # (m, r), (r, n)
+    return (u @ vh).mul_(torch.cat((st, sc)).mean())

@@ -1,0 +1,82 @@
+"""Inputs and float64 NumPy/SciPy helpers for the tests of the SVD merges and Model Stock (no code under test here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+T = 3  # fine-tunes per test
+#: key -> shape: tall, wide and square weights, one with min(m, n) < T, 1-D, 0-d and a conv kernel
+SHAPES: dict[str, tuple[int, ...]] = {
+    "tall.weight": (16, 10),
+    "wide.weight": (10, 24),
+    "square.weight": (12, 12),
+    "thin.weight": (2, 7),
+    "bias": (5,),
+    "temperature": (),
+    "conv.weight": (3, 2, 2, 2),
+}
+MATRICES = [k for k, s in SHAPES.items() if len(s) == 2]
+
+
+def _orthonormal(g: torch.Generator, rows: int, cols: int) -> Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, generator=g, dtype=torch.float64))
+    return q
+
+
+def make_inputs(seed: int = 0, dtype: torch.dtype = torch.float32, count: int = T):
+    """A random base, `count` fine-tunes of it and integer buffers.
+
+    Each 2-D task vector is ``U diag(σ) Vᵀ`` with random orthonormal factors and a geometric spectrum (ratio 0.7),
+    so its singular values are well separated and the top-k directions are well defined in float32 and bf16.
+    """
+    g = torch.Generator().manual_seed(seed)
+    base = {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in SHAPES.items()}
+    fts = []
+    for _ in range(count):
+        ft = {}
+        for k, s in SHAPES.items():
+            if len(s) == 2:
+                r = min(s)
+                sigma = 0.5 * 0.7 ** torch.arange(r, dtype=torch.float64)
+                tau = _orthonormal(g, s[0], r) @ torch.diag(sigma) @ _orthonormal(g, s[1], r).T
+            else:
+                tau = 0.1 * torch.randn(s, generator=g, dtype=torch.float64)
+            ft[k] = base[k] + tau
+        fts.append(ft)
+    out_base = {k: v.to(dtype) for k, v in base.items()}
+    out_fts = [{k: v.to(dtype) for k, v in ft.items()} for ft in fts]
+    for i, sd in enumerate([out_base, *out_fts]):
+        sd["bn.num_batches_tracked"] = torch.tensor(100 + i)
+        sd["position_ids"] = torch.arange(4, dtype=torch.int32) + i
+    return out_base, out_fts
+
+
+def np64(t: Tensor) -> np.ndarray:
+    return t.detach().to(torch.float64).cpu().numpy()
+
+
+def taus_of(base: dict, fts: list[dict], key: str) -> list[np.ndarray]:
+    return [np64(ft[key]) - np64(base[key]) for ft in fts]
+
+
+def svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return np.linalg.svd(x, full_matrices=False)
+
+
+def polar(x: np.ndarray) -> np.ndarray:
+    """The orthogonal polar factor, from SciPy (independent of the SVD route the code takes)."""
+    u, _ = scipy.linalg.polar(x, side="right")
+    return u
+
+
+def assert_close(out: Tensor, ref: np.ndarray, base: Tensor, rtol: float, key: str = "") -> None:
+    """`out` equals ``ref`` up to rounding into out's dtype plus `rtol` times the size of the update."""
+    assert tuple(out.shape) == ref.shape, (key, out.shape, ref.shape)
+    got = np64(out)
+    update = np.abs(ref - np64(base)).max() if ref.size else 0.0
+    bound = 0.5 * torch.finfo(out.dtype).eps * np.abs(ref) + rtol * update + 1e-12
+    err = np.abs(got - ref)
+    assert (err <= bound).all(), f"{key}: max error {err.max():.3g}, update size {update:.3g}"

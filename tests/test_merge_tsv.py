@@ -1,0 +1,128 @@
+"""TSV-Merge against a float64 NumPy/SciPy reference of the paper's formula, plus its invariants."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _spectral import MATRICES, SHAPES, T, assert_close, make_inputs, np64, polar, svd, taus_of
+
+from lightning_soup import SoupError
+from lightning_soup.merge import task_arithmetic, tsv_merge
+
+
+def _reference(taus: list[np.ndarray]) -> np.ndarray:
+    """Δ of TSV-Merge in float64: top-k of each τᵢ side by side, U and Vh orthogonalised, S kept."""
+    if taus[0].ndim != 2:
+        return np.mean(taus, axis=0)
+    m, n = taus[0].shape
+    k = max(1, min(m, n) // len(taus))
+    parts = [svd(tau) for tau in taus]
+    u = np.concatenate([p[0][:, :k] for p in parts], axis=1)
+    s = np.concatenate([p[1][:k] for p in parts])
+    vh = np.concatenate([p[2][:k] for p in parts], axis=0)
+    return polar(u) @ np.diag(s) @ polar(vh)
+
+
+@pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 2e-5), (torch.float64, 1e-11), (torch.bfloat16, 2e-5)])
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_matches_reference(dtype: torch.dtype, rtol: float, alpha: float) -> None:
+    base, fts = make_inputs(0, dtype)
+    out = tsv_merge(base, fts, alpha=alpha)
+    assert list(out) == list(base)
+    for k in SHAPES:
+        ref = np64(base[k]) + alpha * _reference(taus_of(base, fts, k))
+        assert out[k].dtype == dtype and out[k].device == base[k].device
+        assert_close(out[k], ref, base[k], rtol, key=k)
+    for k in ("bn.num_batches_tracked", "position_ids"):  # integer buffers: base's, never merged
+        assert torch.equal(out[k], base[k]) and out[k].data_ptr() != base[k].data_ptr()
+
+
+def test_more_fine_tunes_than_rank_keeps_one_direction_each() -> None:
+    # 'thin.weight' is 2 x 7 with T = 3: k = 1, three directions in a 2-D column space (documented behaviour)
+    base, fts = make_inputs(1)
+    delta = np64(tsv_merge(base, fts)["thin.weight"]) - np64(base["thin.weight"])
+    np.testing.assert_allclose(delta, _reference(taus_of(base, fts, "thin.weight")), atol=1e-5)
+    assert np.linalg.matrix_rank(delta, tol=1e-4) == 2
+
+
+def test_one_by_one_weight_is_the_mean() -> None:
+    base = {"w": torch.tensor([[1.0]])}
+    fts = [{"w": torch.tensor([[x]])} for x in (3.0, -1.0, 2.5)]
+    torch.testing.assert_close(tsv_merge(base, fts)["w"], torch.tensor([[1.0 + (2.0 - 2.0 + 1.5) / 3]]))
+
+
+def test_orthogonal_low_rank_task_vectors_add_up() -> None:
+    # rank-k task vectors (k = 6 // 3 = 2) with orthogonal row and column spaces do not interfere: TSV is task
+    # arithmetic. (Rank below k would not do: the null directions filling the top k are arbitrary and get mixed in.)
+    eye = torch.eye(6, dtype=torch.float64)
+    base = {"w": torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))}
+    taus = [
+        {"w": (1.0 + i) * torch.outer(eye[2 * i], eye[5 - 2 * i]) - 0.5 * torch.outer(eye[2 * i + 1], eye[4 - 2 * i])}
+        for i in range(3)
+    ]
+    fts = [{"w": base["w"] + tv["w"]} for tv in taus]
+    expected = task_arithmetic(base, taus, 1.0)["w"]
+    torch.testing.assert_close(tsv_merge(base, fts)["w"], expected, rtol=0, atol=1e-12)
+
+
+def test_one_fine_tune_is_returned() -> None:
+    base, fts = make_inputs(2, torch.float64, count=1)
+    out = tsv_merge(base, fts)
+    for k in SHAPES:
+        torch.testing.assert_close(out[k], fts[0][k], rtol=0, atol=1e-12)
+
+
+def test_alpha_zero_returns_base_and_inputs_are_unchanged() -> None:
+    base, fts = make_inputs(3, torch.bfloat16)
+    before = [{k: v.clone() for k, v in sd.items()} for sd in (base, *fts)]
+    out = tsv_merge(base, fts, alpha=0.0)
+    for k in base:
+        assert torch.equal(out[k], base[k]), k
+    for b, sd in zip(before, (base, *fts)):
+        assert all(torch.equal(b[k], sd[k]) for k in sd)
+
+
+def test_key_by_key_equals_whole_dict() -> None:
+    base, fts = make_inputs(4)
+    whole = tsv_merge(base, fts, alpha=0.7)
+    for k in reversed(list(base)):
+        one = tsv_merge({k: base[k]}, [{k: ft[k]} for ft in fts], alpha=0.7)
+        assert torch.equal(one[k], whole[k]), k
+
+
+def test_empty_matrix_and_zero_task_vectors() -> None:
+    base = {"e": torch.zeros(0, 4), "w": torch.ones(3, 5)}
+    out = tsv_merge(base, [{k: v.clone() for k, v in base.items()}] * T)
+    assert out["e"].shape == (0, 4)
+    assert torch.equal(out["w"], base["w"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fragment"),
+    [({"alpha": float("nan")}, "`alpha`"), ({"finetuned": []}, "`finetuned` is empty")],
+)
+def test_bad_arguments(kwargs: dict, fragment: str) -> None:
+    base, fts = make_inputs(5)
+    with pytest.raises(SoupError, match=fragment):
+        tsv_merge(**{"base": base, "finetuned": fts, **kwargs})
+
+
+def test_mismatched_keys_and_shapes_are_named() -> None:
+    base, fts = make_inputs(6)
+    fts[1] = dict(fts[1], **{"square.weight": torch.zeros(12, 11)})
+    del fts[2]["bias"]
+    with pytest.raises(SoupError) as info:
+        tsv_merge(base, fts)
+    assert "square.weight" in str(info.value) and "'bias'" in str(info.value) and "finetuned[2]" in str(info.value)
+
+
+@pytest.mark.parametrize("key", [k for k in MATRICES if min(SHAPES[k]) >= T])
+def test_update_has_the_concatenated_singular_values(key: str) -> None:
+    # what a user can check on a merged model: Δ's singular values are the kept Sᵢ[:k] whenever Tk <= min(m, n)
+    base, fts = make_inputs(7, torch.float64)
+    delta = np64(tsv_merge(base, fts)[key]) - np64(base[key])
+    m, n = SHAPES[key]
+    k = min(m, n) // T
+    kept = np.sort(np.concatenate([svd(t)[1][:k] for t in taus_of(base, fts, key)]))[::-1]
+    np.testing.assert_allclose(svd(delta)[1][: T * k], kept, rtol=1e-10)
