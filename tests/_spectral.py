@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -80,3 +82,61 @@ def assert_close(out: Tensor, ref: np.ndarray, base: Tensor, rtol: float, key: s
     bound = 0.5 * torch.finfo(out.dtype).eps * np.abs(ref) + rtol * update + 1e-12
     err = np.abs(got - ref)
     assert (err <= bound).all(), f"{key}: max error {err.max():.3g}, update size {update:.3g}"
+
+
+# ------------------------------------------------------------- the papers' formulas in float64 (Δ of one tensor)
+
+
+def ref_tsv(taus: list[np.ndarray]) -> np.ndarray:
+    """Δ of TSV-Merge in float64: top-k of each τᵢ side by side, U and Vh orthogonalised, S kept."""
+    if taus[0].ndim != 2:
+        return np.mean(taus, axis=0)
+    m, n = taus[0].shape
+    k = max(1, min(m, n) // len(taus))
+    parts = [svd(tau) for tau in taus]
+    u = np.concatenate([p[0][:, :k] for p in parts], axis=1)
+    s = np.concatenate([p[1][:k] for p in parts])
+    vh = np.concatenate([p[2][:k] for p in parts], axis=0)
+    return polar(u) @ np.diag(s) @ polar(vh)
+
+
+def ref_iso_c(taus: list[np.ndarray]) -> np.ndarray:
+    """Δ of Iso-C in float64: the summed task vectors with every singular value replaced by their mean."""
+    if taus[0].ndim != 2:
+        return np.mean(taus, axis=0)
+    u, s, vh = svd(np.sum(taus, axis=0))
+    return s.mean() * u @ vh
+
+
+def ref_sizes(r: int, tasks: int, fraction: float) -> tuple[int, int]:
+    """The reference code's split (``int``, Python's ``round``), with the cap on task directions."""
+    s = min(round((r - int(r * fraction)) / tasks), r // tasks)
+    return r - tasks * s, s
+
+
+def ref_iso_cts(taus: list[np.ndarray], fraction: float) -> np.ndarray:
+    """Δ of Iso-CTS in float64, following the paper's reference code (common space, then task-specific parts)."""
+    if taus[0].ndim != 2:
+        return np.mean(taus, axis=0)
+    kc, s = ref_sizes(min(taus[0].shape), len(taus), fraction)
+    u, sv, vh = svd(np.sum(taus, axis=0))
+    us, ss, vhs = [], [], []
+    for tau in taus:
+        ut, st, vht = svd(tau - u[:, :kc] @ u[:, :kc].T @ tau)
+        us.append(ut[:, :s]), ss.append(st[:s]), vhs.append(vht[:s])
+    us, ss, vhs = us + [u[:, :kc]], ss + [sv[:kc]], vhs + [vh[:kc]]
+    return np.concatenate(ss).mean() * polar(np.concatenate(us, 1)) @ polar(np.concatenate(vhs, 0))
+
+
+def ref_model_stock(base: np.ndarray, fts: list[np.ndarray]) -> np.ndarray:
+    """The result of Model Stock in float64 (not Δ): a zero task vector has cosine 0, a negative mean is clamped."""
+    taus = [(ft - base).ravel() for ft in fts]
+    n = len(taus)
+    norms = [np.linalg.norm(t) for t in taus]
+    cos = [
+        taus[i] @ taus[j] / (norms[i] * norms[j]) if norms[i] * norms[j] > 0 else 0.0
+        for i, j in itertools.combinations(range(n), 2)
+    ]
+    c = min(max(float(np.mean(cos)), 0.0), 1.0)
+    t = n * c / (1 + (n - 1) * c)
+    return t * np.mean(fts, axis=0) + (1 - t) * base

@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 import torch
-from _spectral import SHAPES, assert_close, make_inputs, np64, taus_of
+from _spectral import SHAPES, assert_close, make_inputs, np64, ref_model_stock, taus_of
 
 from lightning_soup import SoupError
 from lightning_soup.merge import model_stock
-
-
-def _reference(base: np.ndarray, fts: list[np.ndarray]) -> np.ndarray:
-    taus = [(ft - base).ravel() for ft in fts]
-    n = len(taus)
-    cos = [a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in itertools.combinations(taus, 2)]
-    c = min(max(float(np.mean(cos)), 0.0), 1.0)
-    t = n * c / (1 + (n - 1) * c)
-    return t * np.mean(fts, axis=0) + (1 - t) * base
 
 
 def _related(seed: int, dtype: torch.dtype, count: int = 3):
@@ -39,7 +29,7 @@ def test_matches_reference(dtype: torch.dtype, rtol: float, count: int) -> None:
     out = model_stock(base, fts)
     assert list(out) == list(base)
     for k in SHAPES:
-        ref = _reference(np64(base[k]), [np64(ft[k]) for ft in fts])
+        ref = ref_model_stock(np64(base[k]), [np64(ft[k]) for ft in fts])
         assert out[k].dtype == dtype
         assert_close(out[k], ref, base[k], rtol, key=k)
     for k in ("bn.num_batches_tracked", "position_ids"):

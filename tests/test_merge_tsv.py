@@ -5,23 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _spectral import MATRICES, SHAPES, T, assert_close, make_inputs, np64, polar, svd, taus_of
+from _spectral import MATRICES, SHAPES, T, assert_close, make_inputs, np64, ref_tsv, svd, taus_of
 
 from lightning_soup import SoupError
 from lightning_soup.merge import task_arithmetic, tsv_merge
-
-
-def _reference(taus: list[np.ndarray]) -> np.ndarray:
-    """Δ of TSV-Merge in float64: top-k of each τᵢ side by side, U and Vh orthogonalised, S kept."""
-    if taus[0].ndim != 2:
-        return np.mean(taus, axis=0)
-    m, n = taus[0].shape
-    k = max(1, min(m, n) // len(taus))
-    parts = [svd(tau) for tau in taus]
-    u = np.concatenate([p[0][:, :k] for p in parts], axis=1)
-    s = np.concatenate([p[1][:k] for p in parts])
-    vh = np.concatenate([p[2][:k] for p in parts], axis=0)
-    return polar(u) @ np.diag(s) @ polar(vh)
 
 
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 2e-5), (torch.float64, 1e-11), (torch.bfloat16, 2e-5)])
@@ -31,7 +18,7 @@ def test_matches_reference(dtype: torch.dtype, rtol: float, alpha: float) -> Non
     out = tsv_merge(base, fts, alpha=alpha)
     assert list(out) == list(base)
     for k in SHAPES:
-        ref = np64(base[k]) + alpha * _reference(taus_of(base, fts, k))
+        ref = np64(base[k]) + alpha * ref_tsv(taus_of(base, fts, k))
         assert out[k].dtype == dtype and out[k].device == base[k].device
         assert_close(out[k], ref, base[k], rtol, key=k)
     for k in ("bn.num_batches_tracked", "position_ids"):  # integer buffers: base's, never merged
@@ -42,7 +29,7 @@ def test_more_fine_tunes_than_rank_keeps_one_direction_each() -> None:
     # 'thin.weight' is 2 x 7 with T = 3: k = 1, three directions in a 2-D column space (documented behaviour)
     base, fts = make_inputs(1)
     delta = np64(tsv_merge(base, fts)["thin.weight"]) - np64(base["thin.weight"])
-    np.testing.assert_allclose(delta, _reference(taus_of(base, fts, "thin.weight")), atol=1e-5)
+    np.testing.assert_allclose(delta, ref_tsv(taus_of(base, fts, "thin.weight")), atol=1e-5)
     assert np.linalg.matrix_rank(delta, tol=1e-4) == 2
 
 

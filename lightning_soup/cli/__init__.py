@@ -16,6 +16,7 @@ adds the traceback), 2 for a usage error, 130 when interrupted. A failed run lea
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import traceback
@@ -68,6 +69,9 @@ files, in any mix. Examples:
   lightning-soup ties --base BASE FT1 FT2 --density 0.2 -o out/ --shard-size 2GB
   lightning-soup dare --base BASE FT1 FT2 --density 0.1 --seed 0 -o out.safetensors
   lightning-soup slerp A B --t 0.5 -o out.safetensors --dtype bfloat16
+  lightning-soup tsv --base BASE FT1 FT2 FT3 --alpha 1.0 -o out.safetensors
+  lightning-soup iso-cts --base BASE FT1 FT2 FT3 --alpha 1.5 --common-fraction 0.8 -o out.safetensors
+  lightning-soup model-stock --base BASE FT1 FT2 -o out.safetensors
   lightning-soup inspect FT1 FT2 --base BASE [--json]
 """
 
@@ -115,6 +119,26 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not 0.0 < value <= 1.0:
         raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
 
@@ -205,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``lightning-soup`` argument parser (no torch import)."""
     parser = argparse.ArgumentParser(
         prog=PROG,
-        description="Merge checkpoints offline: averages, task arithmetic, TIES, DARE, SLERP; inspect task vectors. "
+        description="Merge checkpoints offline: averages, task arithmetic, TIES, DARE, TSV, Iso-C, Iso-CTS, Model "
+        "Stock, SLERP; inspect task vectors. "
         "Streams one tensor at a time, so memory stays at a few tensors whatever the model size.",
         epilog=_EPILOG,
         formatter_class=_Formatter,
@@ -280,6 +305,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=_nonnegative_int, default=0, metavar="N", help="random seed (default: 0)")
     _common(p, writes=True)
 
+    alpha_help = "multiplier of the merged update (default: 1.0; the papers tune it on validation, ~1.0-1.5)"
+    p = command(
+        "tsv",
+        "TSV-Merge: task singular vectors",
+        "TSV-Merge (Gargiulo et al., CVPR 2025): per 2-D weight, keep each task vector's top min(m, n)/T singular "
+        "directions, orthogonalise them together and add base + alpha·Δ; other tensors get the mean task vector.",
+    )
+    _task_vector_inputs(p)
+    p.add_argument("--alpha", type=_finite, default=1.0, metavar="α", help=alpha_help)
+    _common(p, writes=True)
+
+    p = command(
+        "iso-c",
+        "Iso-C: isotropic merge of the summed task vectors",
+        "Iso-C (Marczak et al., 2025): per 2-D weight, the summed task vectors with every singular value set to "
+        "their mean (a flat spectrum), base + alpha·Δ; other tensors get the mean task vector.",
+    )
+    _task_vector_inputs(p)
+    p.add_argument("--alpha", type=_finite, default=1.0, metavar="α", help=alpha_help)
+    _common(p, writes=True)
+
+    p = command(
+        "iso-cts",
+        "Iso-CTS: isotropic merge, common + task-specific subspaces",
+        "Iso-CTS (Marczak et al., 2025): per 2-D weight, the common subspace of the summed task vectors plus each "
+        "task's own directions outside it, orthogonalised, with a flat spectrum, base + alpha·Δ; other tensors get "
+        "the mean task vector.",
+    )
+    _task_vector_inputs(p)
+    p.add_argument("--alpha", type=_finite, default=1.0, metavar="α", help=alpha_help)
+    p.add_argument(
+        "--common-fraction",
+        type=_unit_interval,
+        default=0.8,
+        metavar="F",
+        help="share of each matrix's rank given to the common subspace, in [0, 1] (default: 0.8)",
+    )
+    _common(p, writes=True)
+
+    p = command(
+        "model-stock",
+        "Model Stock: interpolation ratio from the fine-tunes' angle",
+        "Model Stock (Jang et al., ECCV 2024): per tensor, t = N·c / (1 + (N−1)·c) from the mean pairwise cosine c "
+        "of the task vectors, result t·mean(fine-tunes) + (1 − t)·base. No coefficient; needs two or more "
+        "fine-tunes.",
+    )
+    _task_vector_inputs(p)
+    _common(p, writes=True)
+
     p = command(
         "slerp",
         "spherical interpolation of two models",
@@ -330,6 +404,8 @@ def _check_usage(args: argparse.Namespace) -> None:
             sub.error("average needs at least two inputs")
         if args.weights is not None and len(args.weights) != len(args.inputs):
             sub.error(f"--weights: got {len(args.weights)} weights for {len(args.inputs)} inputs")
+    if args.command == "model-stock" and len(args.finetuned) < 2:
+        sub.error("model-stock needs at least two fine-tuned models (its ratio comes from the angle between them)")
     if args.command == "task-arithmetic" and len(args.scales) not in (1, len(args.finetuned)):
         sub.error(
             f"--scales: got {len(args.scales)} scales for {len(args.finetuned)} fine-tuned models; give one or one "

@@ -136,7 +136,26 @@ def make_plan(args: Namespace) -> Plan:
         parameters = {"density": density, "scale": scale, "seed": seed}
         return Plan(command, "dare", [("base", args.base), *finetuned], parameters, dare)
 
+    if command in _SPECTRAL:
+        function = _SPECTRAL[command]
+        method = getattr(merge, function)
+        options: dict[str, Any] = {}
+        if command != "model-stock":
+            options["alpha"] = args.alpha
+        if command == "iso-cts":
+            options["common_fraction"] = args.common_fraction
+
+        def spectral(key: str, ts: list[Tensor]) -> Tensor:
+            # the whole-dict function on one key: its per-key formula sees exactly this key's tensors
+            return method({key: ts[0]}, [{key: t} for t in ts[1:]], **options)[key]
+
+        return Plan(command, function, [("base", args.base), *finetuned], options, spectral)
+
     raise AssertionError(f"unknown command {command!r}")  # pragma: no cover - argparse restricts the choices
+
+
+#: the commands that merge each tensor's task vectors as a whole (SVD merges, Model Stock) -> merge function
+_SPECTRAL = {"tsv": "tsv_merge", "iso-c": "iso_c", "iso-cts": "iso_cts", "model-stock": "model_stock"}
 
 
 def check_output(output: Path, args: Namespace, inputs: Sequence[Input] = ()) -> None:
