@@ -7,6 +7,12 @@ import: the CLI and the functional core use this module too.
 Files written here are plain safetensors: ``safetensors.torch.load_file`` and Hugging Face loaders read them. The
 recipe (how the weights were made) is JSON in the safetensors metadata under ``"lightning_soup"``.
 
+Every file is untrusted input (see SECURITY.md): names recorded in files are confined to their folder
+(:func:`confined`, also for callers that delete files a checkpoint names), only regular files are opened
+(:func:`open_regular`: a FIFO fails at once), headers are validated before any tensor is read, and ``.ckpt`` files
+are loaded with ``weights_only=True``. Outputs replace only what may be replaced (:func:`check_replaceable`;
+``overwrite=False`` never replaces anything, even under a race).
+
 Example:
     >>> import tempfile, torch
     >>> from pathlib import Path
@@ -21,8 +27,9 @@ Example:
     ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
 """
 
-from lightning_soup._storage._atomic import atomic_write, remove_stale_temp_files, write_json
+from lightning_soup._storage._atomic import atomic_write, check_replaceable, remove_stale_temp_files, write_json
 from lightning_soup._storage._format import parse_size
+from lightning_soup._storage._paths import confined, open_regular
 from lightning_soup._storage._read import LazyStateDict, load_state_dict, open_state_dict, read_recipe, sha256_file
 from lightning_soup._storage._write import SafetensorsWriter, save_state_dict
 
@@ -30,7 +37,10 @@ __all__ = [
     "LazyStateDict",
     "SafetensorsWriter",
     "atomic_write",
+    "check_replaceable",
+    "confined",
     "load_state_dict",
+    "open_regular",
     "open_state_dict",
     "parse_size",
     "read_recipe",

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from lightning_soup import storage
+from lightning_soup._storage import _atomic
 from lightning_soup.cli import main
 
 PYTHON = sys.executable
@@ -581,7 +582,7 @@ def test_cleans_up_what_a_killed_run_left_behind(tmp_path: Path, capsys: pytest.
     dead = subprocess.run(
         [PYTHON, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
     ).stdout.strip()
-    stale = tmp_path / f".out.safetensors.tmp-{dead}-0123abcd.safetensors"
+    stale = tmp_path / _atomic.temp_name("out.safetensors", pid=int(dead), suffix=".safetensors")
     stale.write_bytes(b"half a tensor")
     assert run(["average", a, b, "-o", tmp_path / "out.safetensors"], capsys)[0] == 0
     assert not stale.exists()

@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from lightning_soup import SoupError, storage
-from lightning_soup._storage import _format
+from lightning_soup._storage import _atomic, _format
 
 DTYPES = [
     torch.float32,
@@ -654,7 +654,7 @@ def test_corrupt_headers(tmp_path: Path) -> None:
     n = _header_len(tmp_path / "ok.safetensors")
     cases = {
         "tiny": (b"\x01\x02", "only 2 bytes long"),
-        "huge_len": (struct.pack("<Q", 2**40) + data[8:], "announce"),
+        "huge_len": (struct.pack("<Q", 2**40) + data[8:], "not a safetensors header length"),
         "header_past_end": (struct.pack("<Q", len(data)) + data[8:], "truncated: the header alone"),
         "bad_json": (data[:8] + b"{" * n + data[8 + n :], "not valid JSON"),
         "not_object": (data[:8] + b"[1]".ljust(n) + data[8 + n :], "not a JSON object"),
@@ -729,15 +729,16 @@ def _dead_pid() -> int:
 def test_remove_stale_temp_files_removes_only_dead_writers_temps(tmp_path: Path) -> None:
     dead, me, alive = _dead_pid(), os.getpid(), os.getppid()
     stale = [
-        tmp_path / f".soup.safetensors.tmp-{dead}-0123abcd.safetensors",
-        tmp_path / f".blend.png.tmp-{me}-89abcdef.png",  # our pid but not in flight: a previous incarnation
-        tmp_path / f".sharded.tmp-{dead}-deadbeef",
+        tmp_path / _atomic.temp_name("soup.safetensors", pid=dead, suffix=".safetensors"),
+        tmp_path / _atomic.temp_name("blend.png", pid=me, suffix=".png"),  # our pid, not in flight: a past incarnation
+        tmp_path / _atomic.temp_name("sharded", pid=dead),
     ]
     kept = [
-        tmp_path / f".soup.safetensors.tmp-{alive}-0123abcd.safetensors",  # another live process is writing it
+        tmp_path / _atomic.temp_name("soup.safetensors", pid=alive, suffix=".safetensors"),  # a live writer's
         tmp_path / "soup.safetensors",
         tmp_path / ".hidden.tmp-notes",
-        tmp_path / f"x.tmp-{dead}-0123abcd",  # not hidden: not ours
+        tmp_path / f"x.tmp-{dead}-0123abcd0123abcd",  # not hidden: not ours
+        tmp_path / f".soup.safetensors.tmp-{dead}-0123abcd0123abcd.safetensors",  # wrong checksum: not ours
     ]
     for p in stale[:2] + kept:
         p.write_bytes(b"x")
@@ -754,14 +755,14 @@ def test_remove_stale_temp_files_removes_only_dead_writers_temps(tmp_path: Path)
 
 def test_a_folder_set_aside_by_a_killed_writer_is_put_back(tmp_path: Path) -> None:
     dead = _dead_pid()
-    aside = tmp_path / f".soup.old-{dead}-0123abcd"  # the previous sharded output, moved aside mid-replacement
+    aside = tmp_path / _atomic.temp_name("soup", "old", pid=dead)  # the previous output, moved aside mid-replacement
     storage.save_state_dict({"w": torch.ones(2)}, aside, shard_size=100)
-    new = tmp_path / f".soup.tmp-{dead}-89abcdef"  # the new output, never renamed into place
+    new = tmp_path / _atomic.temp_name("soup", pid=dead)  # the new output, never renamed into place
     storage.save_state_dict({"w": torch.zeros(2)}, new, shard_size=100)
     assert storage.remove_stale_temp_files(tmp_path) == [new]
     assert _files(tmp_path) == ["soup"] and torch.equal(storage.load_state_dict(tmp_path / "soup")["w"], torch.ones(2))
     # when the new version did arrive, the old one is simply deleted
-    stale_old = tmp_path / f".soup.old-{dead}-fedcba98"
+    stale_old = tmp_path / _atomic.temp_name("soup", "old", pid=dead)
     storage.save_state_dict({"w": torch.ones(2)}, stale_old, shard_size=100)
     assert storage.remove_stale_temp_files(tmp_path) == [stale_old]
     assert _files(tmp_path) == ["soup"]

@@ -107,6 +107,29 @@ def encode_header(
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+_MAX_INT64 = 2**63
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _refuse_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object hook that refuses repeated keys, as the reference reader does (json keeps the last silently)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _short(value: object, limit: int = 200) -> str:
+    """``value`` as text, cut to ``limit`` characters: header content is shown, never at length."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _not_safetensors(path: Path, why: str) -> SoupError:
     return SoupError(
         f"{path} is not a readable safetensors file: {why}. It is damaged or was not fully copied; "
@@ -134,13 +157,15 @@ def read_header(f: BinaryIO, path: Path) -> tuple[dict[str, Entry], dict[str, st
             raise SoupError(
                 f"{path} is a Git LFS pointer, not the weights themselves. Fetch the file with `git lfs pull`."
             )
-        if n > _MAX_HEADER:
-            raise _not_safetensors(path, f"its first 8 bytes announce a {n}-byte header")
+        if n > _MAX_HEADER:  # no figure in the message: these 8 bytes are whatever the file holds
+            raise _not_safetensors(path, "its first 8 bytes are not a safetensors header length")
         raise _not_safetensors(path, f"it is truncated: the header alone needs {n + 8} bytes but the file has {size}")
     raw = f.read(n)
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_refuse_duplicates)
+    except _DuplicateKey as e:
+        raise _not_safetensors(path, f"its header lists `{_short(e.args[0])}` twice") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise _not_safetensors(path, "its header is not valid JSON") from None
     if not isinstance(header, dict):
         raise _not_safetensors(path, "its header is not a JSON object")
@@ -154,14 +179,17 @@ def read_header(f: BinaryIO, path: Path) -> tuple[dict[str, Entry], dict[str, st
             dtype = _NAMED_DTYPES[info["dtype"]]
             shape = tuple(info["shape"])
             begin, end = info["data_offsets"]
-            ok = all(type(d) is int and d >= 0 for d in (*shape, begin, end))
+            ok = all(type(d) is int and 0 <= d < _MAX_INT64 for d in (*shape, begin, end))
+            ok = ok and math.prod(d for d in shape if d) < _MAX_INT64  # what torch can index, even with a 0 dim
         except (KeyError, TypeError, ValueError):
             ok = False
         if not ok:
-            raise _not_safetensors(path, f"the header entry of `{key}` is malformed or has an unknown dtype: {info}")
+            raise _not_safetensors(
+                path, f"the header entry of `{_short(key)}` is malformed or has an unknown dtype: {_short(info)}"
+            )
         if end - begin != nbytes_of(dtype, shape):
             raise _not_safetensors(
-                path, f"`{key}` has shape {list(shape)} and dtype {info['dtype']} but spans {end - begin} bytes"
+                path, f"`{_short(key)}` has shape {list(shape)} and dtype {info['dtype']} but spans {end - begin} bytes"
             )
         entries[key] = Entry(dtype, shape, data_start + begin, data_start + end)
     spans = sorted((e.begin, e.end) for e in entries.values())

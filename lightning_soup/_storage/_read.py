@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_soup._storage import _format
+from lightning_soup._storage._paths import check_regular, confined, open_regular
 from lightning_soup.errors import SoupError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -39,6 +40,8 @@ def resolve(path: str | os.PathLike) -> tuple[Literal["safetensors", "sharded", 
     p = Path(path).expanduser()
     if not p.exists():
         raise SoupError(f"{p} does not exist. Pass {_KINDS}.")
+    if not p.is_dir():
+        check_regular(p)  # a FIFO or device would block or never end
     if p.is_dir():
         index = p / INDEX_NAME
         if index.is_file():
@@ -82,10 +85,7 @@ class _SafetensorsSource:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        try:
-            self.file: BinaryIO = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        except OSError as e:
-            raise SoupError(f"Could not open {path}: {e.strerror or e}.") from e
+        self.file: BinaryIO = open_regular(path)  # closed by close()
         try:
             self.entries, self.metadata = _format.read_header(self.file, path)
         except BaseException:
@@ -129,9 +129,9 @@ class _TorchSource:
 
 def _torch_load(path: Path) -> Any:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # a FIFO is refused here instead of blocking torch.load
             magic = f.read(4)
-        is_zip = zipfile.is_zipfile(path)
+            is_zip = zipfile.is_zipfile(f)
     except OSError as e:
         raise SoupError(f"Could not open {path}: {e.strerror or e}.") from e
     if not is_zip and not magic.startswith(b"\x80"):  # neither torch.save's zip format nor its legacy pickle
@@ -156,6 +156,32 @@ def _torch_load(path: Path) -> Any:
         raise SoupError(f"{path} is a damaged or truncated PyTorch checkpoint ({type(e).__name__}: {e}).") from e
 
 
+_MAX_EXPANDED = 1 << 28  # 256 MiB
+
+
+def _check_claimed_size(path: Path, key: str, t: Tensor) -> None:
+    """Refuse a tensor that claims far more elements than its storage holds (``expand``/stride tricks).
+
+    Reading a tensor materialises every claimed element: a few bytes in the file can claim terabytes. A state dict
+    holds dense tensors or views of them, which fit in their storage, and at most small expanded buffers (Hugging
+    Face's ``position_ids = arange(n).expand(1, -1)``), so an overlapping view may claim up to
+    ``_MAX_EXPANDED`` bytes.
+    """
+    if t.layout != torch.strided:
+        raise SoupError(
+            f"{path}: `{_format._short(key)}` is a {t.layout} tensor; only dense tensors are read. "
+            "Re-save the state dict with `.to_dense()` tensors."
+        )
+    claimed = t.numel() * t.element_size()
+    held = t.untyped_storage().nbytes()
+    if claimed > max(held, _MAX_EXPANDED):
+        raise SoupError(
+            f"{path}: `{_format._short(key)}` claims {list(t.shape)} = {t.numel()} elements ({claimed} bytes) but its "
+            f"data holds only {held} bytes (an expanded or strided view); refusing to materialise it. Re-save the "
+            "checkpoint with `.contiguous()` tensors if you made it."
+        )
+
+
 def _torch_state_dict(path: Path) -> dict[str, Tensor]:
     obj = _torch_load(path)
     if not isinstance(obj, Mapping):
@@ -176,8 +202,9 @@ def _torch_state_dict(path: Path) -> dict[str, Tensor]:
     skipped = []
     for key, value in state.items():
         if not isinstance(key, str):
-            raise SoupError(f"{path}: its state_dict has a non-string key {key!r}.")
+            raise SoupError(f"{path}: its state_dict has a non-string key {_format._short(key)}.")
         if isinstance(value, Tensor):
+            _check_claimed_size(path, key, value)
             tensors[key] = value
         else:
             skipped.append(key)
@@ -188,18 +215,41 @@ def _torch_state_dict(path: Path) -> dict[str, Tensor]:
     return tensors
 
 
-def _open_sharded(index: Path) -> tuple[list[_SafetensorsSource], dict[str, tuple[_SafetensorsSource, str]], dict]:
+_MAX_INDEX = 100_000_000  # bytes; Hugging Face indexes of the largest models are a few MB
+
+
+def read_index(index: Path) -> tuple[dict, dict[str, str]]:
+    """The parsed shard index and its ``weight_map``, every shard name checked with :func:`confined`.
+
+    Raises:
+        SoupError: the index is unreadable, not a regular file, not JSON, has no ``weight_map``, or names a shard
+            outside its folder.
+    """
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
+        with open_regular(index) as f:
+            raw = f.read(_MAX_INDEX + 1)
     except OSError as e:
         raise SoupError(f"Could not read {index}: {e.strerror or e}.") from e
-    except (UnicodeDecodeError, ValueError):
+    if len(raw) > _MAX_INDEX:
+        raise SoupError(f"{index} is larger than {_MAX_INDEX} bytes; it is not a shard index.")
+    try:
+        doc = json.loads(raw.decode("utf-8"), object_pairs_hook=_format._refuse_duplicates)
+    except _format._DuplicateKey as e:
+        raise SoupError(f"{index} lists `{_format._short(e.args[0])}` twice; re-create or re-download it.") from None
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise SoupError(f"{index} is not valid JSON; re-create or re-download the index.") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SoupError(f'{index} has no "weight_map" mapping tensor names to shard files; it is not a shard index.')
+    for name in dict.fromkeys(weight_map.values()):
+        confined(index.parent, name, what=f"a shard name in {index.name}")
+    return doc, weight_map
+
+
+def _open_sharded(index: Path) -> tuple[list[_SafetensorsSource], dict[str, tuple[_SafetensorsSource, str]], dict]:
+    doc, weight_map = read_index(index)
     names = sorted(set(weight_map.values()))  # model-00001-of-N first: keys come back in the order written
-    missing = [n for n in names if not (index.parent / n).is_file()]
+    missing = [n for n in names if not (index.parent / n).exists()]
     if missing:
         raise SoupError(
             f"{index} references shard files that are missing from {index.parent}: {_few(missing)}. "
@@ -222,7 +272,7 @@ def _open_sharded(index: Path) -> tuple[list[_SafetensorsSource], dict[str, tupl
                 f"{' …' if len(duplicates) > 5 else ''}. The shards come from different checkpoints; "
                 "re-download them."
             )
-        wrong = [k for k, n in weight_map.items() if k not in keys or keys[k][0].path.name != Path(n).name]
+        wrong = [k for k, n in weight_map.items() if k not in keys or keys[k][0].path != index.parent / n]
         if wrong:
             raise SoupError(
                 f"{index} does not match its shards: {_few(wrong)} are not in the shard it names. "
@@ -252,6 +302,7 @@ class LazyStateDict(Mapping[str, Tensor]):
 
     Attributes:
         path: the path it was opened from.
+        files: every file it reads (a sharded folder's index and shards), as opened (symlinks not resolved).
     """
 
     def __init__(
@@ -260,8 +311,10 @@ class LazyStateDict(Mapping[str, Tensor]):
         sources: list[_SafetensorsSource] | list[_TorchSource],
         keys: dict[str, tuple[Any, str]],
         metadata: dict[str, str],
+        files: list[Path] | None = None,
     ) -> None:
         self.path = path
+        self.files: list[Path] = list(files) if files is not None else [s.path for s in sources]
         self._sources = sources
         self._keys = keys
         self._metadata = metadata
@@ -354,11 +407,13 @@ def open_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> La
     _format.check_byteorder()
     kind, file = resolve(path)
     sources: list[Any]
+    files = [file]
     if kind == "safetensors":
         source = _SafetensorsSource(file)
         sources, keys, metadata = [source], {k: (source, k) for k in source.entries}, source.metadata
     elif kind == "sharded":
         sources, keys, doc = _open_sharded(file)
+        files += [s.path for s in sources]
         metadata = dict(sources[0].metadata) if sources else {}
         index_meta = doc.get("metadata") if isinstance(doc.get("metadata"), dict) else {}
         if _format.RECIPE_KEY not in metadata and isinstance(index_meta.get(_format.RECIPE_KEY), str):
@@ -378,7 +433,7 @@ def open_state_dict(path: str | os.PathLike, *, prefix: str | None = None) -> La
                 f"{_few(list(keys), 3) or 'nothing (it is empty)'}; top-level names: {_few(tops) or 'none'}."
             )
         keys = selected
-    return LazyStateDict(Path(path).expanduser(), sources, keys, metadata)
+    return LazyStateDict(Path(path).expanduser(), sources, keys, metadata, files)
 
 
 def load_state_dict(
@@ -410,7 +465,7 @@ def read_recipe(path: str | os.PathLike) -> Any:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
+    with open_regular(path) as f:
         buf = bytearray(1 << 20)
         view = memoryview(buf)
         while n := f.readinto(buf):
@@ -438,14 +493,12 @@ def sha256_file(path: str | os.PathLike) -> str:
         kind, file = resolve(p)
         files = [file]
         if kind == "sharded":
-            doc = json.loads(file.read_text(encoding="utf-8"))
-            files += [file.parent / n for n in dict.fromkeys((doc.get("weight_map") or {}).values())]
+            _, weight_map = read_index(file)  # shard names confined to the folder
+            files += [file.parent / n for n in dict.fromkeys(weight_map.values())]
         manifest = "".join(f"{_sha256(f)}  {f.name}\n" for f in sorted(files, key=lambda f: f.name))
     except SoupError:
         raise
     except OSError as e:
         raise SoupError(f"Could not read {p}: {e.strerror or e}.") from e
-    except ValueError:  # a broken index
-        raise SoupError(f"{p}: its shard index is not valid JSON; re-create or re-download it.") from None
     return hashlib.sha256(manifest.encode("utf-8")).hexdigest()
 

@@ -130,8 +130,10 @@ class SafetensorsWriter:
     With ``shard_size``, ``path`` is a folder holding ``model-00001-of-0000N.safetensors`` shards (keys split in
     ``specs`` order, at most ``shard_size`` tensor bytes each) and ``model.safetensors.index.json``
     (``{"metadata": {"total_size": ...}, "weight_map": {key: shard}}``), built in a temporary folder and renamed
-    as a whole. Every shard carries the metadata and recipe. An existing sharded folder under ``path`` is
-    replaced; a folder holding other files is refused.
+    as a whole. Every shard carries the metadata and recipe; the index also marks the folder as written by
+    lightning_soup. An existing folder under ``path`` is replaced only when it is a previous output of ours (a
+    folder written by this writer, possibly with the files of a Hugging Face model folder beside the weights); any
+    other folder is refused (see :func:`lightning_soup.storage.check_replaceable`).
 
     Args:
         path: the output file (or folder with ``shard_size``); missing parent folders are created.
@@ -140,10 +142,14 @@ class SafetensorsWriter:
         recipe: a JSON-serialisable description of how the weights were made, stored as JSON in the metadata
             under ``"lightning_soup"`` (read back with :func:`read_recipe`).
         shard_size: bytes per shard, as an int or a string such as ``"2GB"`` (see :func:`parse_size`).
+        overwrite: replace what exists under ``path`` (the default). With False, an existing ``path`` is refused
+            up front, and one that appears while writing is never replaced: the commit fails and nothing is
+            written, so of two writers racing for one path exactly one succeeds.
 
     Raises:
-        SoupError: bad specs, metadata or recipe; on :meth:`write`, an unknown or repeated key or a dtype/shape
-            different from its spec; on any disk error (a full disk says so, naming ``path``).
+        SoupError: bad specs, metadata or recipe; ``path`` exists and ``overwrite`` is False, or is a folder that
+            must not be replaced; on :meth:`write`, an unknown or repeated key or a dtype/shape different from its
+            spec; on any disk error (a full disk says so, naming ``path``).
 
     Example:
         >>> import tempfile, torch
@@ -166,9 +172,15 @@ class SafetensorsWriter:
         metadata: Mapping[str, str] | None = None,
         recipe: Any = None,
         shard_size: int | str | None = None,
+        overwrite: bool = True,
     ) -> None:
         _format.check_byteorder()
         self.path = Path(path).expanduser()
+        self._overwrite = bool(overwrite)
+        self._done = True  # nothing to clean up if a check below fails
+        if not self._overwrite and os.path.lexists(self.path):
+            raise SoupError(f"{self.path} already exists; refusing to replace it (overwrite=False).")
+        _atomic.check_replaceable(self.path)
         self._specs = _check_specs(specs)
         self._metadata = build_metadata(metadata, recipe)
         self._shard_size = None if shard_size is None else _format.parse_size(shard_size)
@@ -261,12 +273,13 @@ class SafetensorsWriter:
         try:  # every file was fsynced and closed when its last tensor was written
             if self._shard_size is not None:
                 total = sum(_format.nbytes_of(*spec) for spec in self._specs.values())
-                index = {"metadata": {"total_size": total, **self._metadata}, "weight_map": self._weight_map}
+                metadata = {"total_size": total, **self._metadata, _atomic.WRITER_MARK[0]: _atomic.WRITER_MARK[1]}
+                index = {"metadata": metadata, "weight_map": self._weight_map}
                 text = _atomic.dumps(index, "The index", indent=2, sort_keys=True) + "\n"
                 (self._tmp / INDEX_NAME).write_text(text, encoding="utf-8")
                 _atomic.fsync_file(self._tmp / INDEX_NAME)
                 _atomic.fsync_dir(self._tmp)
-            _atomic.commit(self._tmp, self.path)
+            _atomic.commit(self._tmp, self.path, overwrite=self._overwrite)
         except OSError as e:
             self._discard()
             raise _atomic.os_error(e, self.path) from e
@@ -317,12 +330,13 @@ def save_state_dict(
     recipe: Any = None,
     metadata: Mapping[str, str] | None = None,
     shard_size: int | str | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Write a state dict as safetensors (or a sharded folder with ``shard_size``), atomically.
 
     Tensors may share storage (tied weights), be views or non-contiguous, or live on any device: each key gets
     its own copy of its elements. A :class:`LazyStateDict` is streamed, one tensor in memory at a time. See
-    :class:`SafetensorsWriter` for ``recipe``, ``metadata``, ``shard_size`` and the sharded layout.
+    :class:`SafetensorsWriter` for ``recipe``, ``metadata``, ``shard_size``, ``overwrite`` and the sharded layout.
 
     Returns:
         ``path``.
@@ -347,7 +361,9 @@ def save_state_dict(
         if bad:
             raise SoupError(f"Only tensors can be saved as safetensors; these entries are not: {_few(bad)}.")
         specs = {k: (v.dtype, tuple(v.shape)) for k, v in state_dict.items()}
-    with SafetensorsWriter(path, specs, metadata=metadata, recipe=recipe, shard_size=shard_size) as writer:
+    with SafetensorsWriter(
+        path, specs, metadata=metadata, recipe=recipe, shard_size=shard_size, overwrite=overwrite
+    ) as writer:
         for key in specs:
             writer.write(key, state_dict[key])
     return writer.path

@@ -1,0 +1,345 @@
+"""Untrusted files: what storage and the CLI read, write and delete, and what they refuse (see SECURITY.md).
+
+Every file, index and checkpoint here is treated as crafted by someone else. Each test is written against what a
+user would notice: a file outside the folder read or deleted, an input destroyed, a hang, a leak, a traceback.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lightning_soup import SoupError, storage
+from lightning_soup._storage import _atomic
+
+LIB = Path(__file__).resolve().parents[1] / "lightning_soup"
+
+
+def _sharded(folder: Path, weight_map: dict[str, str], shards: dict[str, dict[str, torch.Tensor]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, tensors in shards.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / name)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+def _call_with_timeout(fn: Callable[[], Any], seconds: float = 20.0) -> Any:
+    """Run ``fn`` on a daemon thread; fail (instead of hanging the suite) when it does not return in time."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        pytest.fail(f"still blocked after {seconds} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+# ------------------------------------------------------------------------------------------ path confinement
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../secret/x.safetensors", "ABSOLUTE", "sub/../../secret/x.safetensors", "..\\secret\\x.safetensors"],
+)
+def test_a_shard_index_naming_a_file_outside_its_folder_is_refused(tmp_path: Path, name: str) -> None:
+    secret = tmp_path / "secret" / "x.safetensors"
+    secret.parent.mkdir()
+    save_file({"w": torch.full((2,), 7.0)}, secret)
+    if name == "ABSOLUTE":
+        name = str(secret)
+    model = _sharded(tmp_path / "model", {"w": name}, {})
+    for read in (storage.open_state_dict, storage.load_state_dict, storage.read_recipe, storage.sha256_file):
+        with pytest.raises(SoupError, match="points outside that folder") as info:
+            read(model)
+        assert "model.safetensors.index.json" in str(info.value)
+
+
+def test_no_byte_of_a_foreign_file_appears_in_an_error(tmp_path: Path) -> None:
+    """An index pointing at /etc/passwd used to print its first 8 bytes (as a header length) in the error."""
+    foreign = tmp_path / "passwd"
+    foreign.write_bytes(b"root:x:0:0:root:/root:/bin/bash\n")
+    (n,) = struct.unpack("<Q", foreign.read_bytes()[:8])
+    model = _sharded(tmp_path / "model", {"w": str(foreign)}, {})
+    renamed = tmp_path / "passwd.safetensors"  # the same bytes given directly, as a user's own bad file
+    renamed.write_bytes(foreign.read_bytes())
+    for path in (model, renamed):
+        with pytest.raises(SoupError) as info:
+            storage.open_state_dict(path)
+        message = str(info.value)
+        assert str(n) not in message and "root" not in message.replace(str(tmp_path), ""), message
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_hugging_face_cache_symlinks_keep_working(tmp_path: Path, layout: str) -> None:
+    """snapshots/<rev>/<name> -> ../../blobs/<sha>: the names are inside the folder, the targets are not."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    state = {"a": torch.arange(4.0), "b": torch.ones(2, 2)}
+    if layout == "single":
+        save_file(state, blobs / "sha-model")
+        (snapshot / "model.safetensors").symlink_to("../../blobs/sha-model")
+    else:
+        save_file({"a": state["a"]}, blobs / "sha-1")
+        save_file({"b": state["b"]}, blobs / "sha-2")
+        index = {"metadata": {}, "weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}
+        (blobs / "sha-index").write_text(json.dumps(index))
+        for name, blob in [("model-1.safetensors", "sha-1"), ("model-2.safetensors", "sha-2")]:
+            (snapshot / name).symlink_to(f"../../blobs/{blob}")
+        (snapshot / "model.safetensors.index.json").symlink_to("../../blobs/sha-index")
+    loaded = storage.load_state_dict(snapshot)
+    assert set(loaded) == set(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert len(storage.sha256_file(snapshot)) == 64
+
+
+@pytest.mark.parametrize(
+    ("name", "ok"),
+    [
+        ("x.safetensors", True),
+        ("sub/x.safetensors", True),
+        ("..", False),
+        ("../x", False),
+        ("a/../../x", False),
+        ("/etc/passwd", False),
+        ("C:x", False),
+        ("C:\\x", False),
+        ("a\\..\\..\\x", False),
+        ("", False),
+        ("x\x00", False),
+        (7, False),
+    ],
+)
+def test_confined_keeps_recorded_names_inside_their_folder(tmp_path: Path, name: Any, ok: bool) -> None:
+    if ok:
+        assert storage.confined(tmp_path, name) == tmp_path / name
+    else:
+        with pytest.raises(SoupError, match="outside that folder"):
+            storage.confined(tmp_path, name, what="a snapshot name")
+
+
+# ------------------------------------------------------------------------------------ non-regular files
+
+
+def _fifo(path: Path) -> Path:
+    os.mkfifo(path)
+    return path
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("where", ["safetensors", "ckpt", "index", "shard"])
+def test_a_fifo_is_refused_at_once_never_read(tmp_path: Path, where: str) -> None:
+    if where == "safetensors":
+        path = _fifo(tmp_path / "model.safetensors")
+    elif where == "ckpt":
+        path = _fifo(tmp_path / "last.ckpt")
+    elif where == "index":
+        path = _fifo(tmp_path / "model.safetensors.index.json")
+    else:
+        path = _sharded(tmp_path / "m", {"w": "model-1.safetensors"}, {})
+        _fifo(path / "model-1.safetensors")
+    for read in (storage.open_state_dict, storage.sha256_file):
+        with pytest.raises(SoupError, match="FIFO"):
+            _call_with_timeout(lambda read=read: read(path))
+
+
+# ----------------------------------------------------------------------------------------- crafted headers
+
+
+def _raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
+    header += b" " * (-len(header) % 8)
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "message"),
+    [
+        (b"[" * 50_000, b"", "not valid JSON"),  # RecursionError in json
+        (b'{"w":{"dtype":"F32","shape":[9223372036854775808,0],"data_offsets":[0,0]}}', b"", "malformed"),
+        (b'{"w":{"dtype":"F32","shape":[4611686018427387904,4,0],"data_offsets":[0,0]}}', b"", "malformed"),
+        (
+            b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+            b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+            b"\0" * 8,
+            "lists `w` twice",
+        ),
+    ],
+    ids=["deep-nesting", "dim-2**63", "dims-overflow-int64", "duplicate-key"],
+)
+def test_crafted_safetensors_headers_are_soup_errors(tmp_path: Path, header: bytes, data: bytes, message: str) -> None:
+    path = _raw_safetensors(tmp_path / "bad.safetensors", header, data)
+    with pytest.raises(SoupError, match=message):
+        storage.load_state_dict(path)
+
+
+@pytest.mark.parametrize(
+    "index",
+    ["[" * 50_000, '{"weight_map": {"w": "a.safetensors", "w": "b.safetensors"}}'],
+    ids=["deep-nesting", "duplicate-key"],
+)
+def test_crafted_shard_indexes_are_soup_errors(tmp_path: Path, index: str) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save_file({"w": torch.ones(1)}, folder / "a.safetensors")
+    save_file({"w": torch.zeros(1)}, folder / "b.safetensors")
+    (folder / "model.safetensors.index.json").write_text(index)
+    for read in (storage.open_state_dict, storage.sha256_file):
+        with pytest.raises(SoupError, match="not valid JSON|twice"):
+            read(folder)
+
+
+def test_a_ckpt_tensor_claiming_more_than_its_storage_is_refused_before_reading(tmp_path: Path) -> None:
+    """A few bytes on disk must not make a reader allocate 4.4 TB (2**40 float32 through `expand`)."""
+    path = tmp_path / "bomb.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1).expand(2**40), "ok": torch.ones(3)}}, path)
+    with pytest.raises(SoupError, match=r"claims .*1099511627776 elements.* holds only 4 bytes"):
+        storage.open_state_dict(path)
+
+
+def test_small_expanded_buffers_of_real_models_still_load(tmp_path: Path) -> None:
+    """Hugging Face models register `position_ids = arange(n).expand(1, -1)`; small overlapping views are fine."""
+    path = tmp_path / "hf.ckpt"
+    state = {"position_ids": torch.arange(16).expand(1, -1), "tiled": torch.arange(4.0).expand(3, -1)}
+    torch.save({"state_dict": state}, path)
+    loaded = storage.load_state_dict(path)
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_pickle_is_never_executed(tmp_path: Path) -> None:
+    """A .ckpt whose pickle would run code is refused by `weights_only=True`; the code never runs."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(1)}, "extra": Evil()}, path)
+    with pytest.raises(SoupError, match="weights_only"):
+        storage.open_state_dict(path)
+    assert not marker.exists()
+
+
+def test_every_torch_load_in_the_package_uses_weights_only() -> None:
+    """Every call of torch.load (and torch.serialization.load) passes `weights_only=True`; nothing unpickles."""
+    calls = []
+    for source in LIB.rglob("*.py"):
+        tree = ast.parse(source.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "load":
+                owner = ast.unparse(node.func.value)
+                if owner in ("torch", "torch.serialization"):
+                    safe = any(
+                        k.arg == "weights_only" and isinstance(k.value, ast.Constant) and k.value.value is True
+                        for k in node.keywords
+                    )
+                    calls.append((source.name, node.lineno, safe))
+            if isinstance(node, ast.ImportFrom) and node.module in ("pickle", "torch") and node.names:
+                assert not {a.name for a in node.names} & {"load", "loads", "Unpickler"}, (source, node.lineno)
+    assert calls, "no torch.load call found: the check looks in the wrong place"
+    assert all(safe for *_, safe in calls), calls
+    assert not [p for p in LIB.rglob("*.py") if re.search(r"\bpickle\.(loads?|Unpickler)\(", p.read_text())]
+
+
+# ------------------------------------------------------------------------------------------ atomic outputs
+
+
+def test_a_folder_of_unrelated_checkpoints_is_never_replaced(tmp_path: Path) -> None:
+    """Only safetensors files and an index, but not written by us: a user's checkpoints, never deleted."""
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    save_file({"w": torch.ones(2)}, folder / "run1.safetensors")
+    save_file({"w": torch.zeros(2)}, folder / "run2.safetensors")
+    downloaded = _sharded(tmp_path / "hub", {"w": "model-1.safetensors"}, {"model-1.safetensors": {"w": torch.ones(1)}})
+    for target in (folder, downloaded):
+        before = {p.name: p.read_bytes() for p in target.iterdir()}
+        for shard_size in (None, "1MB"):
+            with pytest.raises(SoupError, match="refusing to replace it"):
+                storage.save_state_dict({"w": torch.ones(1)}, target, shard_size=shard_size)
+        assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+
+
+def test_a_previous_output_folder_is_replaced_even_with_model_folder_files(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    storage.save_state_dict({"w": torch.zeros(100)}, out, shard_size=100)
+    (out / "config.json").write_text("{}")  # a Hugging Face model folder around our weights
+    storage.save_state_dict({"w": torch.ones(3)}, out, shard_size=100)
+    assert torch.equal(storage.load_state_dict(out)["w"], torch.ones(3))
+    (out / "notes.txt").write_text("mine")  # ... but a file we did not write keeps it
+    with pytest.raises(SoupError, match=r"did not write \(notes.txt\)"):
+        storage.save_state_dict({"w": torch.ones(3)}, out, shard_size=100)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_a_user_folder_named_like_a_temporary_is_never_deleted(tmp_path: Path) -> None:
+    user = tmp_path / ".data.tmp-999999-abcdef12"
+    user.mkdir()
+    (user / "precious.txt").write_text("keep me")
+    look_alike = tmp_path / ".soup.safetensors.tmp-999999-0123abcd0123abcd.safetensors"
+    look_alike.write_text("keep me too")
+    ours = tmp_path / _atomic.temp_name("soup.safetensors", pid=999_999_999, suffix=".safetensors")
+    ours.write_text("half written")
+    assert storage.remove_stale_temp_files(tmp_path) == [ours]
+    assert (user / "precious.txt").read_text() == "keep me" and look_alike.exists()
+
+
+@pytest.mark.parametrize("shard_size", [None, 100])
+def test_without_overwrite_an_output_created_meanwhile_is_never_replaced(tmp_path: Path, shard_size: Any) -> None:
+    """Two writers racing for one name without overwrite: the second to finish fails, the first's file stays."""
+    out = tmp_path / ("out.safetensors" if shard_size is None else "out")
+    specs = {"w": (torch.float32, (3,))}
+    writer = storage.SafetensorsWriter(out, specs, overwrite=False, shard_size=shard_size)
+    writer.write("w", torch.zeros(3))
+    storage.save_state_dict({"w": torch.ones(3)}, out, overwrite=False, shard_size=shard_size)  # the other one
+    with pytest.raises(SoupError, match="already exists"):
+        writer.close()
+    assert torch.equal(storage.load_state_dict(out)["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no temporary left
+    with pytest.raises(SoupError, match="already exists"):
+        storage.save_state_dict({"w": torch.ones(3)}, out, overwrite=False)
+
+
+def test_concurrent_writers_without_overwrite_exactly_one_wins(tmp_path: Path) -> None:
+    out = tmp_path / "out.safetensors"
+    barrier = threading.Barrier(8)
+    results: list[str] = []
+
+    def race(i: int) -> None:
+        writer = storage.SafetensorsWriter(out, {"w": (torch.float32, (1,))}, overwrite=False)
+        writer.write("w", torch.full((1,), float(i)))
+        barrier.wait()
+        try:
+            writer.close()
+            results.append(f"won {i}")
+        except SoupError:
+            results.append("lost")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    winners = [r for r in results if r.startswith("won")]
+    assert len(results) == 8 and len(winners) == 1, results
+    assert storage.load_state_dict(out)["w"].item() == float(winners[0].split()[1])
