@@ -207,8 +207,11 @@ def read_local_shards(
     """
     import torch.distributed as dist
 
-    state = pl_module.state_dict()
-    keys = list(state) if keys is None else list(keys)
+    from lightning_soup.callbacks._tensors import canonical, canonical_key
+
+    # keys without torch.compile's `_orig_mod.` segment, on both sides: files load whether the module is compiled
+    state = canonical(pl_module.state_dict())
+    keys = list(state) if keys is None else [canonical_key(k) for k in keys]
     distributed = world_size(trainer) > 1 and dist.is_available() and dist.is_initialized()
     out: dict[str, Tensor] = {}
     with contextlib.ExitStack() as stack, torch.no_grad():
@@ -217,7 +220,9 @@ def read_local_shards(
         if trainer.is_global_zero or not distributed:
             try:
                 reader = stack.enter_context(storage.open_state_dict(path))
-                meta = reader.meta()
+                names = {canonical_key(k): k for k in reader}
+                file_meta = reader.meta()
+                meta = {c: file_meta[k] for c, k in names.items()}
                 bad = [k for k in keys if k not in meta or tuple(meta[k].shape) != tuple(state[k].shape)]
                 found = {k: "missing" if k not in meta else f"{tuple(meta[k].shape)}" for k in bad}
                 specs = (
@@ -236,7 +241,7 @@ def read_local_shards(
             sharded = _is_dtensor(like)
             device = like.to_local().device if sharded else like.device
             if reader is not None:
-                full = reader[key].to(device=device)
+                full = reader[names[key]].to(device=device)
             else:
                 full = torch.empty(tuple(like.shape), dtype=specs[key], device=device)
             if sharded and distributed:
@@ -264,8 +269,13 @@ def broadcast_module_(trainer: Any, pl_module: Any) -> None:
         return
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
+    from lightning_soup.callbacks._tensors import canonical_key, kept_keys, unique_tensors
+
+    # What training changes, each storage once (tied weights); frozen parameters are equal on every rank already.
+    keep = kept_keys(pl_module)
+    state = {k: v for k, v in pl_module.state_dict().items() if canonical_key(k) in keep}
     with torch.no_grad():
-        for value in pl_module.state_dict().values():
+        for value in unique_tensors(state).values():
             if not _is_dtensor(value):
                 torch.distributed.broadcast(value, src=0)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -121,12 +121,17 @@ def resolve_monitor(metrics: Mapping[str, Any], monitor: str) -> float:
 
 
 @contextlib.contextmanager
-def preserved_weights(pl_module: Any) -> Iterator[None]:
+def preserved_weights(pl_module: Any, keys: Iterable[str] = ()) -> Iterator[None]:
     """Keep a transient copy of the module's weights and put them back, bit for bit, on exit.
 
-    The copy lives next to each tensor (same device and dtype); it costs one model's memory while inside.
+    What training changes is copied (:func:`~._tensors.kept_tensors`: a LoRA run's frozen base is not), plus the
+    entries ``keys`` names. The copy lives next to each tensor (same device and dtype); it costs the trainable
+    weights' memory while inside.
     """
-    live = list(_tensors.module_tensors(pl_module).values())
+    every = _tensors.module_tensors(pl_module)
+    kept = _tensors.kept_tensors(pl_module)
+    extra = {k: every[k] for k in map(_tensors.canonical_key, keys) if k in every and k not in kept}
+    live = list(_tensors.unique_tensors({**kept, **extra}).values())
     with torch.no_grad():
         backup = [t.detach().clone() for t in live]
     try:
@@ -147,7 +152,7 @@ def swapped_weights(pl_module: Any, state: Mapping[str, Tensor]) -> Iterator[Non
     Raises:
         SoupError: ``state`` does not fit the module (keys or shapes).
     """
-    with preserved_weights(pl_module):
+    with preserved_weights(pl_module, keys=list(state)):
         _tensors.load_into_module_(pl_module, state)
         yield
 

@@ -25,6 +25,22 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def lora_note(recipe: Mapping[str, Any]) -> str | None:
+    """A caption line for LoRA pairs merged on ΔW (``lora_relative_error`` in the recipe), or None without them.
+
+    Example:
+        >>> lora_note({"lora_relative_error": 0.0123})
+        'LoRA pairs merged on ΔW = B·A: best rank-r pairs, relative error 0.0123'
+        >>> lora_note({"lora_relative_error": 0.0})
+        'LoRA pairs merged on ΔW = B·A: exact'
+    """
+    error = recipe.get("lora_relative_error")
+    if error is None:
+        return None
+    how = "exact" if error == 0 else f"best rank-r pairs, relative error {_fmt(error)}"
+    return f"LoRA pairs merged on ΔW = B·A: {how}"
+
+
 # ------------------------------------------------------------------------------------------ TaskArithmeticBlend
 
 
@@ -59,12 +75,17 @@ def blend_table(
         caption.append(f"ranked by {monitor}")
     if constraint:
         caption.append("subject to " + ", ".join(constraint))
+    lora = any(c.get("lora_relative_error") is not None for c in candidates)
+    if lora:
+        caption.append("LoRA pairs blended on ΔW = B·A (column: relative error of the rank-r pairs)")
     table = Table(title=title, caption="; ".join(caption) or None)
     table.add_column("ratio", justify="right")
     for name in names:
         table.add_column(name, justify="right", style="bold" if name == monitor else None)
     if constraint:
         table.add_column("constraint", justify="center")
+    if lora:
+        table.add_column("LoRA error", justify="right")
     table.add_column("chosen", justify="center")
     for i, candidate in enumerate(candidates):
         metrics = candidate.get("metrics", {})
@@ -72,6 +93,8 @@ def blend_table(
         if constraint:
             met = candidate.get("meets_constraint")
             row.append("—" if met is None else ("[green]✓[/]" if met else "[red]✗[/]"))
+        if lora:
+            row.append(_fmt(candidate.get("lora_relative_error")))
         row.append("[bold green]◀[/]" if i == chosen else "")
         table.add_row(*row, style="on grey15" if i == chosen else None)
     return table
@@ -170,6 +193,7 @@ def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
     taken = recipe.get("snapshots_taken", len(rows))
     title = f"CheckpointAveraging: mean of the last {len(rows)} of {taken} snapshots ({schedule})"
     caption = f"window={recipe.get('window')}" + (f"; written to {path}" if path is not None else "")
+    caption += "".join(f"; {note}" for note in [lora_note(recipe)] if note)
     table = Table(title=title, caption=caption)
     table.add_column("#", justify="right")
     table.add_column("epoch", justify="right")
@@ -213,7 +237,7 @@ def greedy_soup_table(recipe: Mapping[str, Any]) -> Table:
     title = f"GreedySoup: {accepted} of {len(rows)} ingredients, {monitor} {_fmt(recipe.get('soup_score'))}"
     if recipe.get("mode"):
         title += f" ({recipe['mode']})"
-    table = Table(title=title)
+    table = Table(title=title, caption=lora_note(recipe))
     table.add_column("#", justify="right")
     table.add_column("epoch", justify="right")
     table.add_column("step", justify="right")

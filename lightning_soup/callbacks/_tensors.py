@@ -1,5 +1,17 @@
 """The module's tensors as the callbacks see them: live views, loading weights in, writing them out.
 
+Three facts about real fine-tuning models shape this view:
+
+* **Keys** are those of ``state_dict()`` without ``torch.compile``'s ``_orig_mod.`` segment (a module compiled
+  inside the LightningModule writes ``model._orig_mod.x``): files written here load into the plain model, and files
+  with either spelling are read.
+* **Tied weights** (GPT-2 / Llama ``tie_word_embeddings``: one tensor under ``transformer.wte.weight`` and
+  ``lm_head.weight``) are one storage: :func:`kept_tensors` lists each storage once, so a merge updates it once.
+  Output files still carry every key ``state_dict()`` has.
+* **What training changes** is what the callbacks keep (:func:`kept_tensors`): parameters with
+  ``requires_grad=True`` and buffers. A LoRA run's frozen base is never snapshotted or re-read; it comes from the
+  module whenever a full file is written.
+
 Nothing here does merge arithmetic (that is :mod:`lightning_soup.merge`) or imports Lightning.
 """
 
@@ -20,12 +32,85 @@ from lightning_soup.errors import SoupError
 from lightning_soup.merge import _inplace
 
 
+_COMPILED = "_orig_mod"
+
+
+def canonical_key(key: str) -> str:
+    """``key`` without the ``_orig_mod`` segments ``torch.compile`` adds (the key of the plain model).
+
+    Example:
+        >>> canonical_key("model._orig_mod.h.0.weight")
+        'model.h.0.weight'
+    """
+    if _COMPILED not in key:
+        return key
+    return ".".join(part for part in key.split(".") if part != _COMPILED)
+
+
+def canonical(state: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``state`` with :func:`canonical_key` keys (files written by compiled modules, or by older versions).
+
+    ``state`` itself when no key needs a change, so a lazy mapping is not read here.
+    """
+    if not any(_COMPILED in k for k in state):
+        return state
+    return {canonical_key(k): state[k] for k in state}
+
+
 def module_tensors(pl_module: Any) -> dict[str, Tensor]:
     """The module's ``state_dict()`` entries as live tensors: writing into them changes the module.
 
-    DTensors are replaced by their local shard, so every computation on the result is shard-local.
+    Keys are :func:`canonical_key` ones. Tied weights appear under each of their keys (the same tensor); use
+    :func:`kept_tensors` for arithmetic. DTensors are replaced by their local shard, so every computation on the
+    result is shard-local.
     """
-    return {k: (v.to_local() if _is_dtensor(v) else v) for k, v in pl_module.state_dict().items()}
+    return {canonical_key(k): (v.to_local() if _is_dtensor(v) else v) for k, v in pl_module.state_dict().items()}
+
+
+def _storage_id(t: Tensor) -> Any:
+    if _is_dtensor(t):
+        t = t.to_local()
+    if t.device.type == "meta":
+        return id(t)
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+def unique_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``tensors`` with each storage once (the first key of tied weights), so in-place arithmetic runs once on it.
+
+    Example:
+        >>> import torch
+        >>> w = torch.zeros(2)
+        >>> list(unique_tensors({"wte.weight": w, "lm_head.weight": w, "b": torch.zeros(2)}))
+        ['wte.weight', 'b']
+    """
+    seen: set[Any] = set()
+    out: dict[str, Tensor] = {}
+    for k, v in tensors.items():
+        sid = _storage_id(v)
+        if sid not in seen:
+            seen.add(sid)
+            out[k] = v
+    return out
+
+
+def kept_keys(pl_module: Any) -> set[str]:
+    """Canonical keys of what training changes: parameters with ``requires_grad=True``, and every buffer."""
+    trainable = {n for n, p in pl_module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    buffers = {n for n, b in pl_module.named_buffers(remove_duplicate=False) if b is not None}
+    return {canonical_key(k) for k in trainable | buffers}
+
+
+def kept_tensors(pl_module: Any) -> dict[str, Tensor]:
+    """The live tensors the callbacks keep: trainable parameters and buffers, each storage once, in
+    ``state_dict()`` order, with canonical keys (local shards for DTensors).
+
+    Frozen parameters (a LoRA run's base model) are left out: they never change during training, so snapshots,
+    ingredients, running sums and anchors need not hold them, and they come from the module when a full file is
+    written (:func:`write_module_weights`).
+    """
+    keep = kept_keys(pl_module)
+    return unique_tensors({k: v for k, v in module_tensors(pl_module).items() if k in keep})
 
 
 def floating_items(tensors: Mapping[str, Tensor]) -> tuple[list[str], list[Tensor]]:
@@ -34,14 +119,24 @@ def floating_items(tensors: Mapping[str, Tensor]) -> tuple[list[str], list[Tenso
     return keys, [tensors[k] for k in keys]
 
 
-def load_into_module_(pl_module: Any, state: Mapping[str, Tensor]) -> None:
+def load_into_module_(pl_module: Any, state: Mapping[str, Tensor], partial: bool = False) -> None:
     """Copy ``state`` (any device or dtype) into the module's live tensors, in place.
+
+    Keys may carry ``_orig_mod.`` segments or not, whether the module is compiled or not. Each storage is written
+    once (tied weights take the value of their first key in ``state``).
+
+    Args:
+        pl_module: the module.
+        state: the weights; all of the module's keys, or with ``partial`` a subset (e.g. :func:`kept_tensors`'
+            keys: the rest of the module is left as it is).
+        partial: accept a subset of the module's keys.
 
     Raises:
         SoupError: the keys or shapes of ``state`` do not match the module's.
     """
     live = module_tensors(pl_module)
-    missing = sorted(live.keys() - state.keys())
+    state = canonical(state)
+    missing = [] if partial else sorted(live.keys() - state.keys())
     unexpected = sorted(state.keys() - live.keys())
     if missing or unexpected:
         raise SoupError(
@@ -49,9 +144,9 @@ def load_into_module_(pl_module: Any, state: Mapping[str, Tensor]) -> None:
             f"{unexpected or 'none'}. Were they saved from a different model?"
         )
     bad = [
-        f"`{k}`: {tuple(state[k].shape)} vs module {tuple(v.shape)}"
-        for k, v in live.items()
-        if state[k].shape != v.shape
+        f"`{k}`: {tuple(state[k].shape)} vs module {tuple(live[k].shape)}"
+        for k in state
+        if state[k].shape != live[k].shape
     ]
     if bad:
         hint = (
@@ -61,19 +156,27 @@ def load_into_module_(pl_module: Any, state: Mapping[str, Tensor]) -> None:
             else ""
         )
         raise SoupError("These weights do not fit the module, shapes differ: " + "; ".join(bad) + "." + hint)
-    keys = list(live)
+    keys = list(unique_tensors({k: live[k] for k in state}))
     with torch.no_grad():
         _inplace.assign_([live[k] for k in keys], [state[k] for k in keys])
 
 
-def write_module_weights(trainer: Any, pl_module: Any, path: str | os.PathLike, recipe: Mapping[str, Any]) -> Path:
+def write_module_weights(
+    trainer: Any, pl_module: Any, path: str | os.PathLike, recipe: Mapping[str, Any], kept_only: bool = False
+) -> Path:
     """Write the module's current full weights to ``path`` atomically from global rank zero. Every rank calls it.
 
-    Sharded (DTensor) entries are gathered one tensor at a time (a collective every rank joins), so no rank holds
-    the full model; replicated entries are written from rank zero's copy without any communication.
+    Keys are those of ``state_dict()`` without ``_orig_mod.`` segments, tied weights under each of their keys, so
+    the file loads with ``model.load_state_dict(load_file(path))`` into the plain (uncompiled) model. With
+    ``kept_only`` only :func:`kept_tensors`' entries are written (an ``"initial"`` anchor of a LoRA run is its
+    adapter). Sharded (DTensor) entries are gathered one tensor at a time (a collective every rank joins), so no
+    rank holds the full model; replicated entries are written from rank zero's copy without any communication.
     """
     path = Path(path)
-    state = pl_module.state_dict()
+    state = canonical(pl_module.state_dict())  # a compiled module's files load into the plain model
+    if kept_only:
+        keep = kept_keys(pl_module)
+        state = unique_tensors({k: v for k, v in state.items() if k in keep})
     with contextlib.ExitStack() as stack, torch.no_grad():
         writer = None
         if trainer.is_global_zero:

@@ -379,6 +379,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         self._dir: Path | None = None
         self.average_path: Path | None = None
         self.recipe: dict[str, Any] | None = None
+        self._lora_error: float | None = None  # LoRA pairs: the average's rank-r relative error on ΔW
 
     @property
     def state_key(self) -> str:
@@ -445,7 +446,8 @@ class _CheckpointAveraging(_base.SoupCallback):
                 )
         _dist.raise_on_every_rank(trainer, problem)
         if snapshot_dir is not None:
-            self._store = _SnapshotStore(snapshot_dir, self.snapshots, _tensors.module_tensors(pl_module))
+            # What training changes, each storage once: a frozen base is never copied, tied weights are one entry.
+            self._store = _SnapshotStore(snapshot_dir, self.snapshots, _tensors.kept_tensors(pl_module))
             if self._records:
                 self._store.rebuild([r["file"] for r in self._records])
 
@@ -500,6 +502,8 @@ class _CheckpointAveraging(_base.SoupCallback):
         # Every rank learns whether every owner succeeded before entering the next collective, so none waits forever.
         _dist.raise_on_every_rank(trainer, problem, error)
         _dist.broadcast_module_(trainer, pl_module)
+        if self._lora_error is not None:
+            self.recipe["lora_relative_error"] = self._lora_error  # rank zero's: the one that writes
         self.average_path = _tensors.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
         if self.verbose:
             from lightning_soup.callbacks._report import averaging_table
@@ -525,11 +529,34 @@ class _CheckpointAveraging(_base.SoupCallback):
         store.rebuild([r["file"] for r in self._records])
         live = _tensors.module_tensors(pl_module)
         store.mean_into_([live[k] for k in store.float_keys], len(self._records))
+        self._lora_error = self._lora_mean_into_(live)
         newest = store.load(self._records[-1]["file"])
         integer = {k: v for k, v in newest.items() if not v.is_floating_point()}
         with torch.no_grad():
             _inplace.assign_([live[k] for k in integer], list(integer.values()))
         self._close_store()
+
+    def _lora_mean_into_(self, live: Mapping[str, Tensor]) -> float | None:
+        """Overwrite the LoRA pairs of ``live`` (which got the mean of their factors) with the best rank-r pairs for
+        the window's mean ΔW = B·A, computed from the window's factors (tiny); their relative error, or None."""
+        from lightning_soup.merge.lora import combine_into_, lora_keys
+
+        assert self._store is not None
+        store = self._store
+        factor_keys = sorted(lora_keys(store.float_keys))
+        if not factor_keys:
+            return None
+        window = []
+        for record in self._records:
+            if store.mode == "cpu":
+                snapshot = store.load(record["file"])
+                window.append({k: snapshot[k] for k in factor_keys})
+            else:
+                store.flush()
+                with storage.open_state_dict(store.directory / record["file"]) as lazy:
+                    window.append({k: lazy[k] for k in factor_keys})
+        n = len(window)
+        return combine_into_({k: live[k] for k in factor_keys}, window, [1.0 / n] * n).relative_error
 
     def _snapshot_dir(self, trainer: Any, pl_module: Any) -> Path:
         """``dirpath/snapshots`` (rank zero's) under DDP, ``dirpath/snapshots/rank{R}`` (this rank's shards) when sharded."""
@@ -577,6 +604,7 @@ class _CheckpointAveraging(_base.SoupCallback):
             if self._store is not None:
                 live = _tensors.module_tensors(pl_module)
                 self._store.mean_into_([live[k] for k in self._store.float_keys], len(self._records))
+                self._lora_mean_into_(live)
             _dist.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
             metrics = _evaluate.evaluate(trainer, pl_module)
         for name, value in metrics.items():

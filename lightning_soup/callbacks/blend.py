@@ -206,7 +206,8 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             # (ModelParallelStrategy), so the initial weights are committed in on_train_start, once it is known
             # whether this fit resumes.
             recipe = {"method": "anchor", "anchor": "initial", "global_step": trainer.global_step}
-            _tensors.write_module_weights(trainer, pl_module, self._path(_PENDING_ANCHOR_FILE), recipe)
+            # What training changes only (a LoRA run's anchor is its fresh adapter, not the frozen base).
+            _tensors.write_module_weights(trainer, pl_module, self._path(_PENDING_ANCHOR_FILE), recipe, kept_only=True)
             self._pending_anchor = True
 
     @override
@@ -232,7 +233,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
                 "those the original run started with. Resume with the same `dirpath` to keep that anchor.",
             )
             recipe = {"method": "anchor", "anchor": "resumed", "global_step": trainer.global_step}
-            _tensors.write_module_weights(trainer, pl_module, self._anchor_path(), recipe)
+            _tensors.write_module_weights(trainer, pl_module, self._anchor_path(), recipe, kept_only=True)
             if trainer.is_global_zero:
                 pending.unlink(missing_ok=True)
         elif trainer.is_global_zero:
@@ -259,34 +260,56 @@ class _TaskArithmeticBlend(_base.SoupCallback):
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_soup.merge._inplace import assign_lerp_, float32_copy, layer_weights
+        from lightning_soup.merge.lora import combine_into_, lora_pairs
 
         dirpath = self._output_dir()
         _base.save_final_weights(trainer, pl_module, dirpath)
-        keys, live = _tensors.floating_items(_tensors.module_tensors(pl_module))
+        # What training changes, each storage once: tied weights move once, a frozen base not at all.
+        keys, live = _tensors.floating_items(_tensors.kept_tensors(pl_module))
         # Rank zero reads the file and sends each rank its part; the anchor keeps its own dtypes.
         anchor_state = _dist.read_local_shards(trainer, pl_module, self._anchor_path(), keys)
         anchor = [anchor_state.pop(k) for k in keys]
         weights = {r: layer_weights(keys, r, self.layer_ratios) for r in self.ratios}
+        # LoRA pairs blend on ΔW = B·A (merge.lora), after the plain lerp of everything else.
+        pairs = lora_pairs(keys)
+        lora_errors: dict[float, float] = {}
+
+        def blend_(r: float, theta: list[Tensor]) -> None:
+            assign_lerp_(live, anchor, theta, weights[r])
+            if pairs:
+                ratio_of = dict(zip(keys, weights[r]))
+                report = combine_into_(
+                    dict(zip(keys, live)),
+                    [dict(zip(keys, anchor)), dict(zip(keys, theta))],
+                    {p.a_key: [1.0 - ratio_of[p.a_key], ratio_of[p.a_key]] for p in pairs},
+                )
+                lora_errors[r] = report.relative_error
+
         with torch.no_grad():
+            # transient float32 copy of θ: the candidates are written into the live tensors
+            theta = float32_copy(live) if self._evaluates or pairs else live
             if self._evaluates:
                 from lightning_soup.callbacks._evaluate import evaluate
 
-                theta = float32_copy(live)  # transient: the candidates are written into the live tensors
                 rows = []
                 for r in self.ratios:
-                    assign_lerp_(live, anchor, theta, weights[r])
+                    blend_(r, theta)
                     rows.append(evaluate(trainer, pl_module))
                 # Every rank evaluated; rank zero's choice (and its numbers, for the files) is the one kept.
                 rows, (index, met) = trainer.strategy.broadcast((rows, self._choose(rows)))
-                assign_lerp_(live, anchor, theta, weights[self.ratios[index]])
-                del theta
+                blend_(self.ratios[index], theta)
             else:
                 rows, index, met = [], 0, None
-                assign_lerp_(live, anchor, live, weights[self.ratios[0]])
+                blend_(self.ratios[0], theta)
+            del theta
         del anchor
         _dist.broadcast_module_(trainer, pl_module)
 
         self.result = self._summary(rows, index, met)
+        if pairs:
+            for c in self.result["candidates"]:
+                c["lora_relative_error"] = lora_errors.get(c["ratio"])
+            self.result["lora_relative_error"] = lora_errors[self.ratios[index]]
         if met is False:
             _dist.warn_on_rank_zero(
                 trainer,
@@ -305,6 +328,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             "scores": [{"ratio": c["ratio"], "score": c["score"], "meets_constraint": c["meets_constraint"]}
                        for c in self.result["candidates"]],
         }
+        if pairs:
+            # LoRA pairs are the best rank-r pairs for the blended ΔW; 0.0 when exact (e.g. toward a fresh adapter)
+            recipe["lora_relative_error"] = self.result["lora_relative_error"]
         _tensors.write_module_weights(trainer, pl_module, dirpath / BLENDED_FILE, _json_safe(recipe))
         if trainer.is_global_zero:
             storage.write_json(_json_safe(self.result), dirpath / REPORT_FILE)
@@ -356,7 +382,8 @@ class _TaskArithmeticBlend(_base.SoupCallback):
                     "with the `dirpath` it was written to) so the blend targets the true initial weights."
                 )
             else:
-                problem = _anchor_problem(path, _floating_meta(pl_module), check_values=check_values)
+                module_keys = set(_tensors.canonical(pl_module.state_dict()))
+                problem = _anchor_problem(path, _floating_meta(pl_module), module_keys, check_values=check_values)
         problem = trainer.strategy.broadcast(problem)
         if problem is not None:
             raise SoupError(problem)
@@ -364,7 +391,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
     def _check_layer_patterns(self, trainer: Any, pl_module: Any) -> None:
         import fnmatch
 
-        keys = [k for k, v in pl_module.state_dict().items() if v.is_floating_point()]
+        keys = [k for k, v in _tensors.canonical(pl_module.state_dict()).items() if v.is_floating_point()]
         unused = [p for p in self.layer_ratios if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
         if unused:
             _dist.warn_on_rank_zero(
@@ -486,26 +513,40 @@ def _layer_ratio_map(layer_ratios: Any, problems: list[str]) -> dict[str, float]
 
 
 def _floating_meta(pl_module: Any) -> dict[str, Tensor]:
-    """The module's floating entries as meta tensors with their full (unsharded) shapes."""
-    return {
-        k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta")
-        for k, v in pl_module.state_dict().items()
-        if v.is_floating_point()
-    }
+    """The floating entries the blend moves (what training changes, each storage once) as meta tensors with their
+    full (unsharded) shapes and canonical keys."""
+    keep = _tensors.kept_keys(pl_module)
+    state = _tensors.canonical(pl_module.state_dict())
+    kept = _tensors.unique_tensors({k: v for k, v in state.items() if k in keep})
+    return {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in kept.items() if v.is_floating_point()}
 
 
-def _anchor_problem(path: Path, module_meta: Mapping[str, Tensor], *, check_values: bool) -> str | None:
-    """Why the weights at ``path`` cannot be the module's anchor, or None. Reads one tensor at a time."""
+def _anchor_problem(
+    path: Path, module_meta: Mapping[str, Tensor], module_keys: set[str], *, check_values: bool
+) -> str | None:
+    """Why the weights at ``path`` cannot be the module's anchor, or None. Reads one tensor at a time.
+
+    The anchor must hold every entry of ``module_meta`` with its shape; other entries (a full model's frozen
+    weights, tied duplicates) are not used. Keys with or without ``_orig_mod.`` are accepted.
+    """
     from lightning_soup.merge._checks import check_compatible
     from lightning_soup.merge._inplace import all_finite
 
     where = f"{_NAME}(anchor={str(path)!r})"
     try:
         with storage.open_state_dict(path) as state:
-            anchor_meta = {k: v for k, v in state.meta().items() if v.is_floating_point()}
+            names = {_tensors.canonical_key(k): k for k in state}
+            meta = state.meta()
+            # what the blend moves, plus floating entries the module does not have (reported as unexpected);
+            # the module's other entries (frozen weights, tied duplicates) may be there and are not used
+            anchor_meta = {
+                k: meta[n]
+                for k, n in names.items()
+                if k in module_meta or (k not in module_keys and meta[n].is_floating_point())
+            }
             check_compatible([module_meta, anchor_meta], names=["the module", "the anchor"])
             if check_values:
-                bad = [k for k in module_meta if not all_finite([state[k]])]  # one tensor in memory at a time
+                bad = [k for k in module_meta if not all_finite([state[names[k]]])]  # one tensor at a time
                 if bad:
                     return f"{where}: the anchor has NaN or infinite values in {bad}. Use a healthy checkpoint."
     except SoupError as e:

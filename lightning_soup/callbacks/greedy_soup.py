@@ -58,6 +58,7 @@ from lightning_soup import storage
 from lightning_soup.callbacks import _base, _dist, _evaluate, _tensors
 from lightning_soup.errors import SoupError
 from lightning_soup.merge import _inplace
+from lightning_soup.merge.lora import combine_into_, lora_keys
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
@@ -69,6 +70,8 @@ _ONLINE_DIR = "online"
 _SOUP_FILE = "soup.safetensors"
 _RECIPE_FILE = "soup.json"
 _STATE_VERSION = 1
+#: Online soup files keep each member's LoRA factors as ``lora_member.<j>.<key>`` (ΔW is not a sum of factors).
+_MEMBER = "lora_member."
 
 
 class _GreedySoup(_base.SoupCallback):
@@ -158,6 +161,7 @@ class _GreedySoup(_base.SoupCallback):
         self.soup_path: Path | None = None
         self.soup_score: float | None = None
         self.recipe: dict[str, Any] | None = None
+        self._lora_error: float | None = None  # LoRA pairs: the soup's rank-r relative error on ΔW
 
     @property
     def state_key(self) -> str:
@@ -292,7 +296,7 @@ class _GreedySoup(_base.SoupCallback):
         return a > b if self.mode == "max" else a < b
 
     def _weights_finite(self, trainer: Any, pl_module: Any) -> bool:
-        finite = _inplace.all_finite(list(_tensors.module_tensors(pl_module).values()))
+        finite = _inplace.all_finite(list(_tensors.kept_tensors(pl_module).values()))
         # Every rank must agree (shards differ; replicas' buffers may too): one non-finite part skips it everywhere.
         return bool(trainer.strategy.reduce_boolean_decision(finite, all=True))
 
@@ -314,8 +318,9 @@ class _GreedySoup(_base.SoupCallback):
         recipe = {"method": "greedy_soup_ingredient", "monitor": self.monitor, "score": entry["score"]}
         recipe.update(epoch=entry["epoch"], step=entry["step"])
         if _dist.owns_state(trainer, pl_module):
-            # This rank's tensors (its own shards when sharded): nothing is gathered during training.
-            live = {k: v.detach() for k, v in _tensors.module_tensors(pl_module).items()}
+            # This rank's tensors (its own shards when sharded): nothing is gathered during training. Only what
+            # training changes: a LoRA run's ingredient is its adapter, not the frozen base.
+            live = {k: v.detach() for k, v in _tensors.kept_tensors(pl_module).items()}
             storage.save_state_dict(live, self._state_path(trainer, pl_module, name), recipe=recipe)
         trainer.strategy.barrier("lightning_soup.greedy_soup.ingredient")
         entry.update(status="kept", file=name)
@@ -349,7 +354,7 @@ class _GreedySoup(_base.SoupCallback):
                     "from the checkpoint."
                 )
             else:
-                problem = _mismatch(paths, _tensors.module_tensors(pl_module))
+                problem = _mismatch(paths, _tensors.kept_tensors(pl_module), _tensors.module_tensors(pl_module))
         if _dist.world_size(trainer) > 1:
             ok = trainer.strategy.reduce_boolean_decision(problem is None, all=True)
             if not ok and problem is None:
@@ -370,7 +375,7 @@ class _GreedySoup(_base.SoupCallback):
         sources = [_Ingredient(path, trainer, pl_module) for path in paths]
 
         def score(candidate: Mapping[str, Tensor]) -> float:
-            _tensors.load_into_module_(pl_module, candidate)
+            _tensors.load_into_module_(pl_module, candidate, partial=True)
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
             return float(trainer.strategy.broadcast(local, src=0))
 
@@ -379,7 +384,7 @@ class _GreedySoup(_base.SoupCallback):
         finally:
             for source in sources:
                 source.close()
-        _tensors.load_into_module_(pl_module, soup)
+        _tensors.load_into_module_(pl_module, soup, partial=True)
         del soup
         # Every rank computed the same soup; rank zero's copy settles any last-bit difference between hosts, and
         # under FSDP2 gives every rank rank zero's buffers (FSDP2 does not synchronise them).
@@ -390,6 +395,8 @@ class _GreedySoup(_base.SoupCallback):
             accepted = bool(step["accepted"])
             tried.append({**entry, "status": "accepted" if accepted else "rejected", "accepted": accepted,
                           "soup_score": step["soup_score"]})
+            if "lora_relative_error" in step:  # LoRA pairs averaged on ΔW: the soup's rank-r error after this turn
+                self._lora_error = step["lora_relative_error"]
         accepted_scores = [t["soup_score"] for t in tried if t["accepted"]]
         self.soup_score = accepted_scores[-1] if accepted_scores else None
         return tried
@@ -403,20 +410,29 @@ class _GreedySoup(_base.SoupCallback):
             self._online_restart(trainer, pl_module, entry, "accepted")
             return
         owner = _dist.owns_state(trainer, pl_module)
-        live = _tensors.module_tensors(pl_module)
+        live = _tensors.kept_tensors(pl_module)
         float_keys, floats = _tensors.floating_items(live)
+        factor_keys = sorted(lora_keys(live))
         sums: list[Tensor] = []
         stored: dict[str, Tensor] = {}
+        members: list[dict[str, Tensor]] = []
         with _evaluate.preserved_weights(pl_module):
             if owner:
                 # candidate = (soup sum + new) / (count + 1), written straight into the module
-                stored = storage.load_state_dict(self._state_path(trainer, pl_module, soup["file"]))
+                stored = self._read_state(trainer, pl_module, soup["file"], live)
                 sums = [stored[k].to(t.device) for k, t in zip(float_keys, floats)]
                 with torch.no_grad():
+                    # LoRA pairs: the soup keeps its members' factors (tiny); the candidate's pairs are the best
+                    # rank-r pairs for the mean ΔW of the members and the new ingredient
+                    members = [*_members(stored, soup["count"], factor_keys),
+                               {k: live[k].detach().to("cpu", copy=True) for k in factor_keys}]
                     _inplace.accumulate_(sums, floats)
                     _inplace.assign_mean_(floats, sums, soup["count"] + 1)
                     ints = [k for k in live if k not in set(float_keys)]
                     _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
+                    if factor_keys:
+                        n = len(members)
+                        entry["lora_relative_error"] = combine_into_(live, members, [1.0 / n] * n).relative_error
             if not _dist.keeps_state_per_rank(trainer, pl_module):
                 _dist.broadcast_module_(trainer, pl_module)  # DDP: rank zero alone holds the soup
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
@@ -427,6 +443,7 @@ class _GreedySoup(_base.SoupCallback):
             name = self._online_name(entry)
             if owner:
                 state = {**{k: v for k, v in stored.items() if k not in set(float_keys)}, **dict(zip(float_keys, sums))}
+                state.update(_member_entries(members))
                 storage.save_state_dict(state, self._state_path(trainer, pl_module, name), recipe=self._sum_recipe())
             trainer.strategy.barrier("lightning_soup.greedy_soup.online")
             self._retained.append(soup["file"])
@@ -441,10 +458,11 @@ class _GreedySoup(_base.SoupCallback):
         """Make the module's current weights (alone) the soup."""
         name = self._online_name(entry)
         if _dist.owns_state(trainer, pl_module):
-            live = _tensors.module_tensors(pl_module)
+            live = _tensors.kept_tensors(pl_module)
             float_keys, floats = _tensors.floating_items(live)
             state = {k: v.detach() for k, v in live.items()}
             state.update(zip(float_keys, _inplace.float32_copy([t.detach() for t in floats])))
+            state.update(_member_entries([{k: live[k].detach() for k in lora_keys(live)}]))
             storage.save_state_dict(state, self._state_path(trainer, pl_module, name), recipe=self._sum_recipe())
         trainer.strategy.barrier("lightning_soup.greedy_soup.online")
         if self._online is not None:
@@ -458,13 +476,18 @@ class _GreedySoup(_base.SoupCallback):
             return None
         self._check_files(trainer, pl_module)
         if _dist.owns_state(trainer, pl_module):
-            live = _tensors.module_tensors(pl_module)
+            live = _tensors.kept_tensors(pl_module)
             float_keys, floats = _tensors.floating_items(live)
-            stored = storage.load_state_dict(self._state_path(trainer, pl_module, soup["file"]))
+            stored = self._read_state(trainer, pl_module, soup["file"], live)
             with torch.no_grad():
                 _inplace.assign_mean_(floats, [stored[k].to(t.device) for k, t in zip(float_keys, floats)], soup["count"])
                 ints = [k for k in live if k not in set(float_keys)]
                 _inplace.assign_([live[k] for k in ints], [stored[k] for k in ints])
+                factor_keys = sorted(lora_keys(live))
+                if factor_keys:
+                    n = soup["count"]
+                    members = _members(stored, n, factor_keys)
+                    self._lora_error = combine_into_(live, members, [1.0 / n] * n).relative_error
             del stored
         _dist.broadcast_module_(trainer, pl_module)
         self.soup_score = soup["score"]
@@ -476,6 +499,14 @@ class _GreedySoup(_base.SoupCallback):
             # Members of the final soup: the last (re)start and the ingredients accepted after it.
             e["accepted"] = i >= start and e["status"] in ("accepted", "restarted")
         return tried
+
+    def _read_state(self, trainer: Any, pl_module: Any, name: str, kept: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The kept entries of state file ``name`` (files of older versions may hold more, or `_orig_mod.` keys)."""
+        with storage.open_state_dict(self._state_path(trainer, pl_module, name)) as lazy:
+            names = {_tensors.canonical_key(k): k for k in lazy}
+            state = {k: lazy[names[k]] for k in kept}
+            state.update({k: lazy[k] for k in lazy if k.startswith(_MEMBER)})
+            return state
 
     def _online_name(self, entry: dict[str, Any]) -> str:
         return f"{_ONLINE_DIR}/soup-sum-epoch={entry['epoch']}-step={entry['step']}.safetensors"
@@ -498,6 +529,7 @@ class _GreedySoup(_base.SoupCallback):
             "mode": self.mode,
             "online": self.online,
             "soup_score": soup_score,
+            **({} if self._lora_error is None else {"lora_relative_error": self._lora_error}),
             "accepted": sum(1 for i in ingredients if i["accepted"]),
             "ingredients": ingredients,
         }
@@ -527,22 +559,48 @@ class _GreedySoup(_base.SoupCallback):
         return [self._state_path(trainer, pl_module, name)] if _dist.owns_state(trainer, pl_module) else []
 
 
-def _mismatch(paths: list[Path], live: Mapping[str, Tensor]) -> str | None:
-    """Why one of the files at ``paths`` does not fit tensors like ``live``, or None (reads headers only)."""
-    expected = {k: (tuple(v.shape), v.dtype) for k, v in live.items()}
+def _mismatch(paths: list[Path], kept: Mapping[str, Tensor], every: Mapping[str, Tensor]) -> str | None:
+    """Why one of the files at ``paths`` does not fit tensors like ``kept``, or None (reads headers only).
+
+    A file must hold every kept entry with its shape and dtype; it may hold other entries of the module too (files
+    written before the callbacks kept only what training changes hold the whole module).
+    """
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in kept.items()}
     for path in paths:
         with storage.open_state_dict(path) as lazy:
-            found = {k: (tuple(v.shape), v.dtype) for k, v in lazy.meta().items()}
-        if found != expected:
-            missing = sorted(expected.keys() - found.keys())
-            unexpected = sorted(found.keys() - expected.keys())
-            differ = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+            found = {
+                _tensors.canonical_key(k): (tuple(v.shape), v.dtype)
+                for k, v in lazy.meta().items()
+                if not k.startswith(_MEMBER)
+            }
+        missing = sorted(expected.keys() - found.keys())
+        unexpected = sorted(found.keys() - every.keys())
+        differ = sorted(k for k in expected.keys() & found.keys() if expected[k] != found[k])
+        if missing or unexpected or differ:
             return (
                 f"GreedySoup file {str(path)!r} does not fit the module (missing keys {missing or 'none'}, "
-                f"unexpected keys {unexpected or 'none'}, other shapes/dtypes {differ or 'none'}). Was the model "
-                "or the strategy changed since the checkpoint? Use a new `dirpath` for a new model."
+                f"unexpected keys {unexpected or 'none'}, other shapes/dtypes {differ or 'none'}). Was the model, "
+                "the strategy or the set of trainable parameters changed since the checkpoint? Use a new `dirpath` "
+                "for a new model."
             )
     return None
+
+
+def _member_entries(members: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    return {f"{_MEMBER}{j}.{k}": v for j, member in enumerate(members) for k, v in member.items()}
+
+
+def _members(stored: Mapping[str, Tensor], count: int, factor_keys: list[str]) -> list[dict[str, Tensor]]:
+    """The online soup's members' LoRA factors, as saved by :func:`_member_entries`."""
+    if not factor_keys:
+        return []
+    missing = [k for k in factor_keys if f"{_MEMBER}0.{k}" not in stored]
+    if missing:
+        raise SoupError(
+            "GreedySoup(online=True): the online soup file has no per-member LoRA factors (it was written by an "
+            "older version, which averaged LoRA factors). Start a new soup with a new `dirpath`."
+        )
+    return [{k: stored[f"{_MEMBER}{j}.{k}"] for k in factor_keys} for j in range(count)]
 
 
 class _Ingredient(Mapping[str, Tensor]):
@@ -556,13 +614,15 @@ class _Ingredient(Mapping[str, Tensor]):
 
     def __init__(self, path: Path | None, trainer: Any, pl_module: Any) -> None:
         self.path = path  # None on ranks that receive it
-        self._template = _tensors.module_tensors(pl_module)  # shapes/dtypes/devices; local shards when sharded
+        # Shapes/dtypes/devices of what the callback keeps; local shards when sharded.
+        self._template = _tensors.kept_tensors(pl_module)
         distributed = (
             _dist.world_size(trainer) > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
         )
         self._broadcast = distributed and not _dist.keeps_state_per_rank(trainer, pl_module)
         self._reads = _dist.owns_state(trainer, pl_module)
         self._lazy: storage.LazyStateDict | None = None
+        self._names: dict[str, str] = {}
 
     def __getitem__(self, key: str) -> Tensor:
         like = self._template[key]
@@ -582,7 +642,9 @@ class _Ingredient(Mapping[str, Tensor]):
         if self._lazy is None:
             assert self.path is not None
             self._lazy = storage.open_state_dict(self.path)
-        return self._lazy[key]
+            # files of compiled modules written by older versions carry `_orig_mod.` in their keys
+            self._names = {_tensors.canonical_key(k): k for k in self._lazy}
+        return self._lazy[self._names[key]]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._template)

@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_soup.errors import SoupError
 from lightning_soup.merge._checks import check_compatible, check_mode, check_state_dicts
 from lightning_soup.merge._core import acc_dtype, copy_non_floating, has_metadata, materialize, move
+from lightning_soup.merge.lora import _merge_pairs, lora_pairs
 
 __all__ = ["greedy_soup"]
 
@@ -35,6 +36,10 @@ def greedy_soup(
     ``"min"`` mode), where ``candidate = (sum + θ) / (k + 1)`` is built from a float32 (float64 for float64
     tensors) running sum and cast back to the ingredients' dtypes. Ingredients whose score is NaN or infinite are
     skipped and never read.
+
+    LoRA pairs (see :mod:`lightning_soup.merge.lora`) are averaged on ``ΔW = B·A``, never factor by factor: the
+    soup keeps its members' factors (tiny) and each candidate's pairs are the best rank-r pairs for the mean ΔW,
+    whose relative error each recipe entry records as ``lora_relative_error``.
 
     Each ingredient mapping is read exactly once, in score order, so lazy on-disk mappings
     (``open_state_dict``) keep memory to the running sum plus one ingredient and one candidate. With
@@ -110,25 +115,41 @@ def greedy_soup(
     count = 1
     soup = {k: fixed[k] if k in fixed else best[k].clone() for k in best}
     soup_score = own[first]
+    pairs = lora_pairs(best.keys())
+    factor_keys = [k for p in pairs for k in (p.a_key, p.b_key)]
+    members = [{k: best[k] for k in factor_keys}] if pairs else []  # the soup's factors: ΔW is not a sum of them
+    lora_error = 0.0
     del best
     recipe: list[dict[str, Any]] = [
         {"index": first, "score": own[first], "accepted": True, "soup_score": soup_score, "skipped": False}
     ]
+    if pairs:
+        recipe[0]["lora_relative_error"] = 0.0
 
     for i in order[1:]:
         sd = materialize(items[i])
         check_compatible([ref_layout, sd], [names[first], names[i]])
         new_sums = _add(sums, sd, float_keys)
+        new_members = [*members, {k: sd[k] for k in factor_keys}] if pairs else []
         del sd
         candidate = _mean(new_sums, ref_layout, count + 1)
         candidate.update({k: v.clone() for k, v in fixed.items()})
+        if pairs:
+            n = len(new_members)
+            lora, report = _merge_pairs(new_members, pairs, [[1.0 / n] * n] * len(pairs))
+            candidate.update(lora)
         candidate = {k: candidate[k] for k in ref_layout}
         score = _score(evaluate(candidate), f"evaluate(candidate with ingredients[{i}])")
         accepted = not math.isnan(score) and better(score, soup_score)
         if accepted:
             sums, count, soup, soup_score = new_sums, count + 1, candidate, score
-        del new_sums, candidate
+            members = new_members
+            if pairs:
+                lora_error = report.relative_error
+        del new_sums, candidate, new_members
         recipe.append({"index": i, "score": own[i], "accepted": accepted, "soup_score": soup_score, "skipped": False})
+        if pairs:
+            recipe[-1]["lora_relative_error"] = lora_error  # the soup's after this turn
 
     tried = set(finite)
     recipe.extend(

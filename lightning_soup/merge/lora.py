@@ -46,6 +46,7 @@ __all__ = [
     "LoraPair",
     "LoraReport",
     "combine_factors",
+    "combine_into_",
     "delta_weight",
     "lora_interpolate",
     "lora_keys",
@@ -278,6 +279,42 @@ def _merge_pairs(
         norm2 += c.norm2
     report.relative_error = _relative(err2, norm2)
     return out, report
+
+
+def combine_into_(
+    out: Mapping[str, Tensor],
+    inputs: Sequence[Mapping[str, Tensor]],
+    coefficients: Sequence[float] | Mapping[str, Sequence[float]],
+) -> LoraReport:
+    """For every LoRA pair among `out`'s keys, write the rank-r pair closest to ``Σᵢ cᵢ BᵢAᵢ`` (the factors of
+    ``inputs[i]``) into `out`'s tensors, in place (for the callbacks, whose `out` is the module's live tensors).
+
+    Args:
+        out: tensors to overwrite, e.g. the module's; keys that are not LoRA factors are left alone.
+        inputs: the state dicts whose factors are combined (they need only the factor keys).
+        coefficients: one number per input, or ``{A key: numbers}`` per pair (e.g. per-layer blend ratios).
+
+    Returns:
+        How far the written pairs are from the exact ΔW results.
+
+    Example:
+        >>> import torch
+        >>> live = {"q.lora_A.weight": torch.zeros(1, 2), "q.lora_B.weight": torch.zeros(1, 1)}
+        >>> fresh = {"q.lora_A.weight": torch.ones(1, 2), "q.lora_B.weight": torch.zeros(1, 1)}
+        >>> tuned = {"q.lora_A.weight": torch.tensor([[1.0, 2.0]]), "q.lora_B.weight": torch.tensor([[4.0]])}
+        >>> combine_into_(live, [fresh, tuned], [0.5, 0.5]).exact, live["q.lora_B.weight"]
+        (True, tensor([[2.]]))
+    """
+    pairs = lora_pairs(out.keys())
+    if isinstance(coefficients, Mapping):
+        coeffs = [[float(c) for c in coefficients[p.a_key]] for p in pairs]
+    else:
+        coeffs = [[float(c) for c in coefficients]] * len(pairs)
+    merged, report = _merge_pairs(inputs, pairs, coeffs)
+    with torch.no_grad():
+        for k, v in merged.items():
+            out[k].copy_(v)
+    return report
 
 
 def _split(sds: Sequence[Mapping[str, Tensor]]) -> tuple[list[LoraPair], list[dict[str, Tensor]]]:
