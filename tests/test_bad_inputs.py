@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,6 +210,12 @@ def anchor_file(kind: str, folder: Path, pl: Any) -> Path:
     elif kind == "ckpt-without-state_dict":
         path = path.with_suffix(".ckpt")
         torch.save({"epoch": 3, "global_step": 30}, path)
+    elif kind == "index-outside-folder":  # a sharded anchor whose index names a file of someone else's
+        save_file(good, str(folder / "other.safetensors"))
+        path = folder / "anchor"
+        path.mkdir()
+        index = {"metadata": {}, "weight_map": dict.fromkeys(good, "../other.safetensors")}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
     return path
 
 
@@ -225,6 +232,7 @@ ANCHOR_CASES = {
         "`epoch`, `global_step`",
         "Pass a checkpoint written by Lightning",
     ],
+    "index-outside-folder": ["'../other.safetensors'", "points outside that folder", "refusing to use it"],
 }
 
 
@@ -280,6 +288,196 @@ def test_cli_bad_input_file_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert str(bad) in err and err.startswith("lightning-soup: error: "), err
     assert not out.exists()
+
+
+# ------------------------------------------------------------------- the CLI: values and dtypes it cannot merge
+
+
+def _models(tmp_path: Path, edit: dict[int, dict[str, torch.Tensor]] | None = None) -> list[str]:
+    """A base and two fine-tunes (2-D weights, a bias, an int64 counter) as safetensors; ``edit`` replaces
+    tensors of model ``i`` (0 is the base)."""
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6, 4, generator=g), "b": torch.randn(6, generator=g), "steps": torch.tensor(10)}
+    paths = []
+    for i in range(3):
+        sd = {
+            k: v + 0.05 * i * torch.randn(v.shape, generator=g) if v.is_floating_point() else v + i
+            for k, v in base.items()
+        }
+        sd.update((edit or {}).get(i, {}))
+        paths.append(str(tmp_path / f"m{i}.safetensors"))
+        save_file(sd, paths[-1])
+    return paths
+
+
+def _argv(command: str, paths: list[str], out: Path) -> list[str]:
+    """A working command line of ``command`` over the base ``paths[0]`` and the fine-tunes ``paths[1:]``."""
+    base, ft1, ft2 = paths
+    inputs = {
+        "average": [ft1, ft2],
+        "blend": ["--anchor", base, "--model", ft2, "--ratio", "0"],  # ratio 0: the anchor, whatever the model
+        "task-arithmetic": ["--base", base, ft1, ft2, "--scales", "0.5"],
+        "ties": ["--base", base, ft1, ft2, "--density", "0.5"],
+        "dare": ["--base", base, ft1, ft2, "--density", "0.5"],
+        "tsv": ["--base", base, ft1, ft2],
+        "iso-c": ["--base", base, ft1, ft2],
+        "iso-cts": ["--base", base, ft1, ft2],
+        "model-stock": ["--base", base, ft1, ft2],
+        "slerp": [ft1, ft2, "--t", "0.5"],
+        "inspect": [ft1, ft2, "--base", base],
+    }[command]
+    return [command, *inputs] + ([] if command == "inspect" else ["-o", str(out)])
+
+
+CLI_COMMANDS = [
+    "average",
+    "blend",
+    "task-arithmetic",
+    "ties",
+    "dare",
+    "tsv",
+    "iso-c",
+    "iso-cts",
+    "model-stock",
+    "slerp",
+    "inspect",
+]
+MERGE_COMMANDS = [c for c in CLI_COMMANDS if c != "inspect"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("command", CLI_COMMANDS)
+def test_cli_non_finite_input_is_an_error_naming_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, value: float
+) -> None:
+    """In the last input every command reads (for blend --ratio 0, the model the result does not even use)."""
+    bias = torch.zeros(6)
+    bias[3] = value
+    paths = _models(tmp_path, {2: {"b": bias}})
+    out = tmp_path / "out.safetensors"
+    assert cli(_argv(command, paths, out)) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lightning-soup: error: ") and err.count("\n") == 1, err
+    assert f"{paths[2]}: tensor `b` holds 1 NaN or infinite value(s) out of 6" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.safetensors", "m1.safetensors", "m2.safetensors"]
+
+
+def test_cli_a_merged_value_that_overflows_the_output_dtype_is_an_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = _models(tmp_path)
+    out = tmp_path / "out.safetensors"
+    argv = ["task-arithmetic", "--base", paths[0], paths[1], "--scales", "1e7", "-o", str(out), "--dtype", "float16"]
+    assert cli(argv) == 1
+    err = capsys.readouterr().err
+    assert "the merged `" in err and "float16 (an overflow)" in err and "nothing was written" in err, err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn, torch.float8_e5m2])
+@pytest.mark.parametrize("command", MERGE_COMMANDS)
+def test_cli_quantised_and_float8_weights_are_refused_naming_file_and_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, dtype: torch.dtype
+) -> None:
+    """In every input: a quantised checkpoint must not "merge" into a copy of one of them."""
+    g = torch.Generator().manual_seed(1)
+    edit = {i: {"w": (torch.randn(6, 4, generator=g) * 20).to(dtype)} for i in range(3)}
+    paths = _models(tmp_path, edit)
+    out = tmp_path / "out.safetensors"
+    assert cli(_argv(command, paths, out)) == 1
+    err = capsys.readouterr().err
+    name = str(dtype).removeprefix("torch.")
+    assert err.count("\n") == 1 and "unexpected" not in err, err
+    assert f"tensor `w` is {name}" in err and ("Dequantise" in err or "Convert the checkpoints" in err), err
+    assert not out.exists()
+
+
+def test_cli_integer_and_bool_buffers_are_still_taken_from_the_first_input(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    edit = {
+        i: {"idx": torch.tensor([i, 2 * i], dtype=torch.int32), "mask": torch.tensor([i == 1, True])} for i in range(3)
+    }
+    paths = _models(tmp_path, edit)
+    out = tmp_path / "out.safetensors"
+    assert cli(["average", paths[1], paths[2], "-o", str(out)]) == 0
+    result = load_file(str(out))
+    assert result["idx"].tolist() == [1, 2] and result["mask"].tolist() == [True, True]
+    assert result["steps"].item() == 11
+
+
+def test_cli_inspect_of_float8_checkpoints_is_no_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    edit = {i: {"w": torch.randn(6, 4).to(torch.float8_e4m3fn)} for i in range(3)}
+    paths = _models(tmp_path, edit)
+    assert cli(_argv("inspect", paths, tmp_path / "unused")) == 0
+    assert "float8_e4m3fn" in capsys.readouterr().out
+
+
+def _crafted(kind: str, folder: Path) -> str:
+    """An input crafted to raise a raw exception somewhere below the CLI before these checks existed."""
+
+    def raw(header: bytes, data: bytes = b"") -> str:
+        header += b" " * (-len(header) % 8)
+        path = folder / f"{kind}.safetensors"
+        path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+        return str(path)
+
+    if kind == "deep-header":
+        return raw(b"[" * 50_000)
+    if kind == "dims-2**63":
+        return raw(b'{"w":{"dtype":"F32","shape":[9223372036854775808,0],"data_offsets":[0,0]}}')
+    if kind == "duplicate-key":
+        entry = b'"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+        return raw(b"{" + entry + b"," + entry.replace(b"[0,4]", b"[4,8]") + b"}", b"\0" * 8)
+    if kind == "expand-bomb":
+        path = folder / "bomb.ckpt"
+        torch.save({"state_dict": {"w": torch.zeros(1).expand(2**40)}}, path)
+        return str(path)
+    raise ValueError(kind)
+
+
+CRAFTED = {
+    "deep-header": "its header is not valid JSON",
+    "dims-2**63": "malformed",
+    "duplicate-key": "lists `w` twice",
+    "expand-bomb": "claims [1099511627776] = 1099511627776 elements (4398046511104 bytes) but its data holds only 4",
+}
+
+
+@pytest.mark.parametrize("command", ["inspect", "average"])
+@pytest.mark.parametrize("kind", list(CRAFTED))
+def test_cli_crafted_inputs_are_one_line_errors_not_tracebacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], kind: str, command: str
+) -> None:
+    bad = _crafted(kind, tmp_path)
+    good = _models(tmp_path)[0]
+    out = tmp_path / "out.safetensors"
+    argv = ["inspect", good, bad] if command == "inspect" else ["average", good, bad, "-o", str(out)]
+    assert cli(argv) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured
+    assert "unexpected" not in captured.err and CRAFTED[kind] in captured.err and bad in captured.err, captured.err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_cli_keys_and_paths_that_look_like_rich_markup_are_printed_as_text(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], json_output: bool
+) -> None:
+    folder = tmp_path / "run[" / "]x[bold]"  # the path reads .../run[/]x[bold]/...
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    base = {"enc[/].w": torch.randn(4, 4, generator=g), "[red]b": torch.randn(4, generator=g)}
+    paths = []
+    for i in range(3):
+        paths.append(str(folder / f"m{i}.safetensors"))
+        save_file({k: v + 0.1 * i * torch.randn(v.shape, generator=g) for k, v in base.items()}, paths[-1])
+    assert cli(["inspect", paths[1], paths[2], "--base", paths[0], *(["--json"] if json_output else [])]) == 0
+    out = capsys.readouterr().out
+    assert "enc[/].w" in out and "[red]b" in out and "run[/]x[bold]" in out.replace("\n", ""), out
+    out_file = folder / "avg.safetensors"
+    assert cli(["average", paths[1], paths[2], "-o", str(out_file)]) == 0
+    assert set(load_file(str(out_file))) == set(base)
 
 
 # ---------------------------------------------------------------------------------------- validation disabled

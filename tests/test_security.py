@@ -343,3 +343,142 @@ def test_concurrent_writers_without_overwrite_exactly_one_wins(tmp_path: Path) -
     winners = [r for r in results if r.startswith("won")]
     assert len(results) == 8 and len(winners) == 1, results
     assert storage.load_state_dict(out)["w"].item() == float(winners[0].split()[1])
+
+
+# --------------------------------------------------------------------------------------------------- the CLI
+
+
+def _cli(argv: list[Any], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from lightning_soup.cli import main
+
+    rc = main([str(a) for a in argv])
+    return rc, capsys.readouterr().err
+
+
+def _pair(folder: Path) -> tuple[Path, Path]:
+    g = torch.Generator().manual_seed(0)
+    a, b = folder / "a.safetensors", folder / "b.safetensors"
+    w = torch.randn(4, 4, generator=g)
+    save_file({"w": w, "b": torch.zeros(4)}, a)
+    save_file({"w": w + 0.01 * torch.randn(4, 4, generator=g), "b": torch.ones(4)}, b)
+    return a, b
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("target", ["shard", "input-file", "input-folder", "symlink-target", "folder-holding-input"])
+def test_cli_never_writes_over_an_input_even_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
+) -> None:
+    a, _ = _pair(tmp_path)
+    sharded = storage.save_state_dict(storage.load_state_dict(a), tmp_path / "sharded", shard_size=40)
+    blob = tmp_path / "blobs" / "sha"
+    blob.parent.mkdir()
+    blob.write_bytes(a.read_bytes())
+    (tmp_path / "linked.safetensors").symlink_to(blob)
+    inputs = [sharded, tmp_path / "linked.safetensors", a]
+    output, extra = {
+        "shard": (sharded / "model-00001-of-00002.safetensors", []),
+        "input-file": (a, []),
+        "input-folder": (sharded, ["--shard-size", "1MB"]),
+        "symlink-target": (blob.with_name("sha.safetensors"), []),
+        "folder-holding-input": (sharded, ["--shard-size", "1MB"]),  # a previous output of ours, but read now
+    }[target]
+    if target == "folder-holding-input":
+        inputs = [sharded / "model-00001-of-00002.safetensors", a]
+    if target == "symlink-target":  # the blob itself, given under a .safetensors name
+        blob.rename(output)
+        (tmp_path / "linked.safetensors").unlink()
+        (tmp_path / "linked.safetensors").symlink_to(output)
+    before = _snapshot(tmp_path)
+    rc, err = _cli(["average", *inputs, "-o", output, "--force", *extra], capsys)
+    assert rc == 1 and "an input is never overwritten, even with --force" in err, err
+    assert _snapshot(tmp_path) == before
+
+
+def test_cli_force_replaces_only_a_previous_output_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _pair(tmp_path)
+    mine = tmp_path / "ckpts"
+    mine.mkdir()
+    save_file({"w": torch.ones(1)}, mine / "run1.safetensors")
+    save_file({"w": torch.ones(1)}, mine / "run2.safetensors")
+    before = _snapshot(mine)
+    rc, err = _cli(["average", a, b, "-o", mine, "--force", "--shard-size", "1MB"], capsys)
+    assert rc == 1 and "not a previous lightning-soup output" in err and "refusing to replace it" in err, err
+    assert _snapshot(mine) == before
+    out = tmp_path / "out"
+    assert _cli(["average", a, b, "-o", out, "--shard-size", "1MB"], capsys)[0] == 0
+    assert _cli(["average", a, b, "-o", out, "--shard-size", "40", "--force"], capsys)[0] == 0  # ours: replaced
+    assert len(list(out.glob("*.safetensors"))) == 2
+
+
+def test_cli_keeps_a_user_folder_named_like_a_temporary(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a, b = _pair(tmp_path)
+    user = tmp_path / ".data.tmp-999999-abcdef12"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    assert _cli(["average", a, b, "-o", tmp_path / "data"], capsys)[0] == 2  # usage: needs .safetensors
+    assert _cli(["average", a, b, "-o", tmp_path / "data", "--shard-size", "1MB"], capsys)[0] == 0
+    assert (user / "notes.txt").read_text() == "mine"
+
+
+def test_cli_an_output_that_appears_while_writing_is_not_replaced_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Deterministic form of two runs racing for one -o: the other run's file lands while this one writes."""
+    a, b = _pair(tmp_path)
+    out = tmp_path / "out.safetensors"
+    real = storage.SafetensorsWriter.write
+
+    def write_then_race(self: Any, key: str, tensor: torch.Tensor) -> None:
+        real(self, key, tensor)
+        if not out.exists():
+            out.write_bytes(b"the other run's output")
+
+    monkeypatch.setattr(storage.SafetensorsWriter, "write", write_then_race)
+    rc, err = _cli(["average", a, b, "-o", out], capsys)
+    assert rc == 1 and "already exists" in err and "nothing was written" in err, err
+    assert out.read_bytes() == b"the other run's output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "out.safetensors"]
+
+
+def test_cli_two_runs_writing_one_output_exactly_one_succeeds(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    a, b = _pair(tmp_path)
+    out = tmp_path / "out.safetensors"
+    argv = [sys.executable, "-m", "lightning_soup", "average", str(a), str(b), "-o", str(out), "-q"]
+    procs = [subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(120), p.stderr.read()) for p in procs]  # type: ignore[union-attr]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    assert "already exists" in next(err for rc, err in results if rc == 1)
+    assert set(storage.load_state_dict(out)) == {"w", "b"}
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+@pytest.mark.parametrize("command", ["average", "inspect"])
+def test_cli_a_fifo_input_fails_at_once(tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str) -> None:
+    a, _ = _pair(tmp_path)
+    fifo = _fifo(tmp_path / "pipe.safetensors")
+    out = ["-o", tmp_path / "out.safetensors"] if command == "average" else []
+    rc, err = _call_with_timeout(lambda: _cli([command, a, fifo, *out], capsys))
+    assert rc == 1 and "is a FIFO (named pipe), not a regular file" in err, err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_a_fifo_blend_anchor_fails_before_training(tmp_path: Path) -> None:
+    import pytorch_lightning as pl
+
+    import lightning_soup as soup
+    from tests._models import make_model, trainer_kwargs
+
+    fifo = _fifo(tmp_path / "anchor.safetensors")
+    model = make_model(pl)
+    blend = soup.TaskArithmeticBlend(anchor=str(fifo), ratio=0.5)
+    trainer = pl.Trainer(callbacks=[blend], **trainer_kwargs(tmp_path))
+    with pytest.raises(SoupError, match="is a FIFO"):
+        _call_with_timeout(lambda: trainer.fit(model))
+    assert model.training_steps == 0

@@ -1,6 +1,8 @@
 """Rendering for the callbacks' end-of-fit summaries: pure functions that return rich tables and matplotlib figures.
 
 The callbacks print or save what these return (on rank zero), so rendering is testable without a ``Trainer``.
+Every user string (metric names, paths, reasons) is escaped before rich sees it: a ``[/]`` in a metric name is
+text, not markup that fails after the files were written.
 matplotlib is an optional extra (``pip install lightning-soup[plot]``): the figure functions import it lazily and
 raise ImportError without it. Figures are built on the Agg canvas, never through ``pyplot``'s global state.
 """
@@ -11,6 +13,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -22,7 +25,7 @@ def _fmt(value: Any) -> str:
         return "—"
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)
-    return str(value)
+    return escape(str(value))
 
 
 def lora_note(recipe: Mapping[str, Any]) -> str | None:
@@ -69,19 +72,19 @@ def blend_table(
     names: list[str] = [] if monitor is None else [monitor]
     for candidate in candidates:
         names += [n for n in candidate.get("metrics", {}) if n not in names]
-    title = "TaskArithmeticBlend" + (f" toward {anchor}" if anchor else "")
+    title = "TaskArithmeticBlend" + (f" toward {escape(str(anchor))}" if anchor else "")
     caption = []
     if monitor is not None:
-        caption.append(f"ranked by {monitor}")
+        caption.append(f"ranked by {escape(monitor)}")
     if constraint:
-        caption.append("subject to " + ", ".join(constraint))
+        caption.append("subject to " + ", ".join(escape(str(c)) for c in constraint))
     lora = any(c.get("lora_relative_error") is not None for c in candidates)
     if lora:
         caption.append("LoRA pairs blended on ΔW = B·A (column: relative error of the rank-r pairs)")
     table = Table(title=title, caption="; ".join(caption) or None)
     table.add_column("ratio", justify="right")
     for name in names:
-        table.add_column(name, justify="right", style="bold" if name == monitor else None)
+        table.add_column(escape(str(name)), justify="right", style="bold" if name == monitor else None)
     if constraint:
         table.add_column("constraint", justify="center")
     if lora:
@@ -192,7 +195,9 @@ def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
     schedule = f"every {steps} optimizer steps" if steps else f"every {recipe.get('every_n_epochs', 1)} epoch(s)"
     taken = recipe.get("snapshots_taken", len(rows))
     title = f"CheckpointAveraging: mean of the last {len(rows)} of {taken} snapshots ({schedule})"
-    caption = f"window={recipe.get('window')}" + (f"; written to {path}" if path is not None else "")
+    caption = f"window={escape(str(recipe.get('window')))}"
+    if path is not None:
+        caption += f"; written to {escape(str(path))}"
     caption += "".join(f"; {note}" for note in [lora_note(recipe)] if note)
     table = Table(title=title, caption=caption)
     table.add_column("#", justify="right")
@@ -232,11 +237,11 @@ def greedy_soup_table(recipe: Mapping[str, Any]) -> Table:
         (3, 'GreedySoup: 2 of 3 ingredients, val/acc 0.9 (max)')
     """
     rows = list(recipe.get("ingredients", []))
-    monitor = recipe.get("monitor", "score")
+    monitor = escape(str(recipe.get("monitor", "score")))
     accepted = sum(1 for r in rows if r.get("accepted"))
     title = f"GreedySoup: {accepted} of {len(rows)} ingredients, {monitor} {_fmt(recipe.get('soup_score'))}"
     if recipe.get("mode"):
-        title += f" ({recipe['mode']})"
+        title += f" ({escape(str(recipe['mode']))})"
     table = Table(title=title, caption=lora_note(recipe))
     table.add_column("#", justify="right")
     table.add_column("epoch", justify="right")
@@ -248,9 +253,9 @@ def greedy_soup_table(recipe: Mapping[str, Any]) -> Table:
         status = str(row.get("status", ""))
         if status in ("accepted", "restarted") and not row.get("accepted"):
             status = f"{status}, later dropped"
-        result = _GREEDY_STATUS.get(status, status)
+        result = _GREEDY_STATUS.get(status, escape(status))
         if row.get("reason"):
-            result += f" [dim]({row['reason']})[/]"
+            result += f" [dim]({escape(str(row['reason']))})[/]"
         table.add_row(
             str(i + 1), _fmt(row.get("epoch")), _fmt(row.get("step")), _fmt(row.get("score")), result,
             _fmt(row.get("soup_score")), style="bold" if row.get("accepted") else None,

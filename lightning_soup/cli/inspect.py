@@ -1,4 +1,8 @@
-"""``lightning-soup inspect``: compare checkpoints and, against a base, their task vectors (streamed)."""
+"""``lightning-soup inspect``: compare checkpoints and, against a base, their task vectors (streamed).
+
+File names and tensor keys are user data: they are escaped before rich sees them (``[/]`` in a key is text, not
+markup), and the report is rendered whole before the first byte is written.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +29,7 @@ def run_inspect(args: Namespace) -> int:
     roles = ([("base", args.base)] if args.base else []) + [("model", p) for p in args.models]
     report = None
     with contextlib.ExitStack() as stack:
-        inputs = open_inputs(stack, roles, args.prefix)
+        inputs = open_inputs(stack, roles, args.prefix, merging=False)
         metas = [i.meta() for i in inputs]
         compat = diagnostics.compare(metas, [i.name for i in inputs])
         if args.base:
@@ -55,8 +59,18 @@ def run_inspect(args: Namespace) -> int:
 
         # piped output keeps whole rows instead of wrapping at 80 columns
         console = Console() if sys.stdout.isatty() else Console(width=160)
-        console.print(render_report(compat, report, base_name or "base"))
+        with console.capture() as captured:  # all or nothing: a rendering error prints no half report
+            console.print(render_report(compat, report, base_name or "base"))
+        sys.stdout.write(captured.get())
+        sys.stdout.flush()
     return 0
+
+
+def _e(text: object) -> str:
+    """User text (a path, a key) made safe for rich markup."""
+    from rich.markup import escape
+
+    return escape(str(text))
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -88,9 +102,9 @@ def _matrix_table(title: str, names: list[str], values: list[list[float]], fmt: 
     table = Table(title=title, title_justify="left", show_lines=False)
     table.add_column("")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(_e(name), justify="right")
     for i, (name, row) in enumerate(zip(names, values)):
-        table.add_row(name, *("·" if i == j else fmt(v) for j, v in enumerate(row)))
+        table.add_row(_e(name), *("·" if i == j else fmt(v) for j, v in enumerate(row)))
     return table
 
 
@@ -113,7 +127,7 @@ def render_compatibility(compat: Compatibility, *, limit: int = 20) -> Renderabl
     for m in compat.models:
         dtypes = ", ".join(f"{d} {100 * n / m.num_params:.0f}%" if m.num_params else d for d, n in m.dtypes.items())
         models.add_row(
-            m.name, _count(m.num_tensors), _count(m.num_params), _count(m.num_floating), _bytes(m.nbytes), dtypes
+            _e(m.name), _count(m.num_tensors), _count(m.num_params), _count(m.num_floating), _bytes(m.nbytes), dtypes
         )
     parts: list[Any] = [models]
     if len(compat.models) < 2:
@@ -135,7 +149,7 @@ def render_compatibility(compat: Compatibility, *, limit: int = 20) -> Renderabl
         for col in ("key", "model", "dtype", "reference"):
             table.add_column(col)
         for m in compat.dtypes[:limit]:
-            table.add_row(m.key, m.name, m.value, f"{m.expected} ({m.ref})")
+            table.add_row(_e(m.key), _e(m.name), _e(m.value), _e(f"{m.expected} ({m.ref})"))
         if len(compat.dtypes) > limit:
             table.add_row(f"… and {len(compat.dtypes) - limit} more", "", "", "")
         parts.append(table)
@@ -148,11 +162,11 @@ def render_task_vectors(report: TaskVectorReport, base_name: str) -> RenderableT
     from rich.table import Table
     from rich.text import Text
 
-    norms = Table(title=f"Task vectors τ = model − {base_name}", title_justify="left")
+    norms = Table(title=f"Task vectors τ = model − {_e(base_name)}", title_justify="left")
     for col in ("model", "‖τ‖", "‖τ‖ / ‖base‖"):
         norms.add_column(col, justify="left" if col == "model" else "right")
     for name, norm, rel in zip(report.names, report.norms, report.relative_norms):
-        norms.add_row(name, _num(norm), _num(rel))
+        norms.add_row(_e(name), _num(norm), _num(rel))
     parts: list[Any] = [
         Text(
             f"{_count(report.num_params)} floating parameters in {report.num_tensors} tensors compared; "
@@ -178,7 +192,7 @@ def render_task_vectors(report: TaskVectorReport, base_name: str) -> RenderableT
             for col, justify in (("tensor", "left"), ("parameters", "right"), ("conflicts", "right")):
                 top.add_column(col, justify=justify)  # type: ignore[arg-type]
             for key, numel, fraction in report.top_conflicts:
-                top.add_row(key, _count(numel), _percent(fraction))
+                top.add_row(_e(key), _count(numel), _percent(fraction))
             parts.append(top)
     return Group(*parts)
 

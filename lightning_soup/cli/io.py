@@ -1,4 +1,9 @@
-"""What the CLI commands share: opening inputs (with ``--prefix``), the device, progress display, prefetching."""
+"""What the CLI commands share: opening inputs (with ``--prefix``), the device, progress display, prefetching.
+
+The checks every command gets live here, in one place: inputs whose dtypes cannot be merged (quantised int8/uint8
+weights, float8) are refused from the headers by :func:`open_inputs`, and every tensor read through
+:class:`Input` is checked for NaN/inf, naming the file and the key, before anything is published.
+"""
 
 from __future__ import annotations
 
@@ -50,8 +55,15 @@ class Input(Mapping[str, Tensor]):
     def name(self) -> str:
         return self.path
 
+    @property
+    def files(self) -> list[Path]:
+        """Every file this input reads (a sharded folder's index and shards)."""
+        return list(self._lazy.files)
+
     def __getitem__(self, key: str) -> Tensor:
-        return self._lazy[self._keys[key]]
+        tensor = self._lazy[self._keys[key]]
+        check_finite(tensor, self.path, key)
+        return tensor
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -73,12 +85,82 @@ class Input(Mapping[str, Tensor]):
         return sum(t.numel() * t.element_size() for t in self.meta().values())
 
 
-def open_inputs(stack: contextlib.ExitStack, paths: Sequence[tuple[str, str]], prefix: str | None) -> list[Input]:
-    """Open every ``(role, path)`` lazily (headers only), closing them with ``stack``.
+_CHUNK = 1 << 24  # elements per finiteness check: the temporary mask stays at 16 MB whatever the tensor
+
+
+def check_finite(tensor: Tensor, path: str, key: str, *, output: bool = False) -> None:
+    """Refuse NaN/inf in an input tensor: merged, it would silently spread into the output (even ``--ratio 0``:
+    ``0 · NaN`` is NaN). With ``output``, ``tensor`` is a merged result about to be written (``path`` the output):
+    finite inputs can still overflow a narrow ``--dtype`` or a large scale.
 
     Raises:
-        SoupError: an input is missing, corrupt, truncated or a ``.ckpt`` without a state dict (storage's message,
-            naming the file); ``--prefix`` matches no input; an input has no tensors.
+        SoupError: naming the file, the key and how many entries are not finite.
+    """
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return
+    flat = tensor.reshape(-1)
+
+    def finite(chunk: Tensor) -> Tensor:
+        return torch.isfinite(chunk.float() if chunk.element_size() == 1 else chunk)  # no isfinite for float8
+
+    if all(bool(finite(chunk).all()) for chunk in flat.split(_CHUNK)):
+        return
+    bad = sum(int((~finite(chunk)).sum()) for chunk in flat.split(_CHUNK))
+    if output:
+        raise SoupError(
+            f"{path}: the merged `{key}` has {bad} NaN or infinite value(s) out of {flat.numel()} in "
+            f"{str(tensor.dtype).removeprefix('torch.')} (an overflow); nothing was written. Use a wider --dtype or "
+            "smaller scales"
+        )
+    raise SoupError(
+        f"{path}: tensor `{key}` holds {bad} NaN or infinite value(s) out of {flat.numel()}; lightning-soup never "
+        "merges non-finite weights (they would spread into the output). Use a healthy checkpoint, e.g. an earlier one"
+    )
+
+
+#: dtypes a merge command refuses: quantised integer weights (a merge would copy one input's) and float8
+_QUANTISED = (torch.int8, torch.uint8)
+_FLOAT8 = tuple(getattr(torch, n) for n in dir(torch) if n.startswith("float8_"))
+
+
+def check_mergeable_dtypes(inputs: Sequence[Input]) -> None:
+    """Refuse, from the headers, tensors that no merge method can merge: int8/uint8 (quantised) weights and float8.
+
+    Integer buffers of other dtypes (int64 step counters, int32 indices, bool masks) keep the DESIGN semantics:
+    taken from one input.
+
+    Raises:
+        SoupError: naming the first such file and key and what to do.
+    """
+    for i in inputs:
+        for key, meta in i.meta().items():
+            dtype = meta.dtype
+            if dtype in _QUANTISED:
+                raise SoupError(
+                    f"{i.path}: tensor `{key}` is {str(dtype).removeprefix('torch.')}, quantised weights that cannot "
+                    "be merged (they would be copied from one input unchanged). Dequantise the checkpoints to "
+                    "float16/bfloat16/float32 first"
+                )
+            if dtype in _FLOAT8:
+                raise SoupError(
+                    f"{i.path}: tensor `{key}` is {str(dtype).removeprefix('torch.')}, which lightning-soup cannot "
+                    "merge. Convert the checkpoints to bfloat16/float16/float32 first"
+                )
+
+
+def open_inputs(
+    stack: contextlib.ExitStack, paths: Sequence[tuple[str, str]], prefix: str | None, *, merging: bool = True
+) -> list[Input]:
+    """Open every ``(role, path)`` lazily (headers only), closing them with ``stack``.
+
+    Args:
+        merging: the command merges the inputs, so dtypes no merge can handle are refused
+            (:func:`check_mergeable_dtypes`); ``inspect`` passes False.
+
+    Raises:
+        SoupError: an input is missing, corrupt, truncated, not a regular file, or a ``.ckpt`` without a state dict
+            (storage's message, naming the file); ``--prefix`` matches no input; an input has no tensors; with
+            ``merging``, an input holds quantised or float8 tensors.
     """
     inputs = []
     for role, path in paths:
@@ -94,6 +176,8 @@ def open_inputs(stack: contextlib.ExitStack, paths: Sequence[tuple[str, str]], p
     for i in inputs:
         if len(i) == 0:
             raise SoupError(f"{i.path}: it holds no tensors")
+    if merging:
+        check_mergeable_dtypes(inputs)
     return inputs
 
 

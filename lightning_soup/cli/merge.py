@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import os
 import shlex
 from argparse import Namespace
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +27,7 @@ from lightning_soup.cli.io import (
     Input,
     Progress,
     Timer,
+    check_finite,
     device_of,
     hash_inputs,
     human_bytes,
@@ -159,27 +161,28 @@ _SPECTRAL = {"tsv": "tsv_merge", "iso-c": "iso_c", "iso-cts": "iso_cts", "model-
 
 
 def check_output(output: Path, args: Namespace, inputs: Sequence[Input] = ()) -> None:
-    """Refuse to overwrite without ``--force``, to replace a folder that is not a checkpoint, or to write an input."""
-    if output.exists() or output.is_symlink():
+    """The output rule, checked before any work (the writer enforces the first two again when it publishes).
+
+    Refuse an existing ``-o`` without ``--force`` (and, without it, never replace one that appears meanwhile:
+    the writer publishes with a no-replace rename); refuse a folder that is not a previous lightning-soup output
+    even with ``--force`` (:func:`storage.check_replaceable`); refuse, even with ``--force``, an ``-o`` that is an
+    input, any file an input reads (a shard, an index, the target of a symlinked shard), or a folder holding one.
+    """
+    if os.path.lexists(output):
         if not args.force:
             raise SoupError(f"{output} already exists; pass --force to overwrite it")
-        if output.is_dir() and not output.is_symlink():
-            # the same rule as the writer's final rename, checked before any work is done
-            others = [
-                c.name
-                for c in output.iterdir()
-                if not (c.is_file() and c.name.endswith((".safetensors", ".index.json")))
-            ]
-            if others:
-                raise SoupError(
-                    f"{output} is a folder holding other files than a sharded checkpoint ({', '.join(others[:3])}); "
-                    "refusing to replace it even with --force; choose another -o"
-                )
+        storage.check_replaceable(output)
     target = output.resolve()
     for i in inputs:
-        source = Path(i.path).expanduser().resolve()
-        if source == target or target in source.parents:
-            raise SoupError(f"{i.path}: it is an input, so it cannot be the output too; choose another -o")
+        given = Path(i.path).expanduser()
+        for file in dict.fromkeys([given, *i.files]):
+            source = file.resolve()
+            if source == target or target in source.parents:
+                what = "is" if file == given else f"would replace {file}, a file of"
+                raise SoupError(
+                    f"-o {output} {what} the input {i.path}; an input is never overwritten, even with --force. "
+                    "Choose another -o"
+                )
 
 
 def check_compatible(inputs: Sequence[Input]) -> None:
@@ -289,7 +292,9 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
                 return [i[key] for i in inputs]
 
             storage.remove_stale_temp_files(output.parent)  # what a killed earlier run left behind
-            with storage.SafetensorsWriter(output, specs, recipe=recipe, shard_size=args.shard_size) as writer:
+            with storage.SafetensorsWriter(
+                output, specs, recipe=recipe, shard_size=args.shard_size, overwrite=args.force
+            ) as writer:
                 for key, tensors in prefetch(specs, load):
                     tensors = [t.to(device=device, dtype=_compute_dtype(t, target)) for t in tensors]
                     result = plan.merge(key, tensors)
@@ -298,7 +303,9 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
                         raise RuntimeError(
                             f"{plan.function} returned shape {tuple(result.shape)} for {key!r}, expected {shape}"
                         )
-                    writer.write(key, result.to(dtype))
+                    result = result.to(dtype)
+                    check_finite(result, str(output), key, output=True)  # finite inputs can overflow float16
+                    writer.write(key, result)
                     del tensors, result
                     progress.advance(task, dtype.itemsize * _numel(shape))
             progress.done(task)
