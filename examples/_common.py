@@ -118,6 +118,18 @@ def standard_verdicts(compare: Callable[..., str], scores: Mapping[str, Any], bo
     ]
 
 
+def require_learned(what: str, value: float, bound: float, hint: str, *, higher_is_better: bool = True) -> None:
+    """Stop the example with a clear message when the base did not learn its task (``value`` worse than ``bound``):
+    averaging, souping or blending toward a base that never learned anything shows nothing."""
+    ok = value >= bound if higher_is_better else value <= bound
+    if not ok:  # NaN fails too
+        relation = "below" if higher_is_better else "above"
+        raise SystemExit(
+            f"STOP: {what} is {value:.4g}, {relation} the {bound:.4g} this example needs before anything is merged. "
+            f"{hint}"
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------- output
 def quiet_lightning() -> None:
     """Keep the demo's output to the progress bar, the callbacks' summaries and the results."""

@@ -38,6 +38,7 @@ from lightning_soup import TaskArithmeticBlend
 N_FEATURES = 20
 TASKS = ("a", "b")
 RATIOS = [round(i / 10, 1) for i in range(11)]  # 0.0, 0.1, ..., 1.0
+BASE_FLOOR = 0.85  # the task-A model must reach this task-A validation accuracy before anything is blended
 
 
 def make_tasks(seed: int = 0) -> dict[str, TensorDataset]:
@@ -145,6 +146,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, float]]:
     base_path = args.out / "base.safetensors"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(base_path))
     base = accuracies(model, args.out)
+    if not base["a"] >= BASE_FLOOR:  # NaN fails too
+        raise SystemExit(
+            f"STOP: the task-A model's task-A validation accuracy is {base['a']:.3f}, below the {BASE_FLOOR} this "
+            "example needs before anything is blended (chance is 0.25). Train it longer (--base-epochs)."
+        )
     floor = round(args.keep * base["a"], 4)
     console.print(f"Task A model: task A accuracy {base['a']:.3f}, task B {base['b']:.3f} → anchor {base_path}")
 

@@ -44,6 +44,7 @@ from _common import (  # noqa: E402
     print_results,
     quiet_lightning,
     render_table,
+    require_learned,
     score_files,
     soup_callbacks,
     standard_verdicts,
@@ -54,6 +55,7 @@ NEW_DIGITS = (5, 6, 7, 8, 9)
 TASKS = ("old", "new")
 ROWS = ("base", "last", "best", "average", "soup", "blended")
 BLEND_RATIOS = [i / 20 for i in range(21)]  # 0, 0.05, ..., 1
+BASE_FLOOR = 0.9  # the base must classify the old digits' test images at least this well before anything else
 SIGNIFICANCE = 0.05  # McNemar p-value below which a verdict says "helps"/"hurts"
 
 # --quick is for tests: a few seconds, not a good model.
@@ -260,6 +262,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     pretrain.fit(base, loader(splits["old_train"], 32, shuffle=True, seed=args.seed), loader(splits["old_val"], 256))
     base_val_old = float(pretrain.callback_metrics["val/old_acc"])  # validation of the final weights
     save_file(base.state_dict(), str(out / "base.safetensors"))
+    base_test_old = float(test_predictions(base.state_dict(), splits, args.hidden)["old"].float().mean())
+    require_learned(
+        "the base's accuracy on its own task (old digits 0–4, test split)", base_test_old, BASE_FLOOR,
+        "Pretrain longer (--base-epochs) or with another --seed.",
+    )  # fmt: skip
 
     # 2. Fine-tune on digits 5–9 with the three callbacks in one Trainer; validation sees both tasks.
     threshold = math.floor(args.keep_old * base_val_old * 1000) / 1000

@@ -45,6 +45,7 @@ from _common import (  # noqa: E402
     print_results,
     quiet_lightning,
     render_table,
+    require_learned,
     score_files,
     soup_callbacks,
     standard_verdicts,
@@ -389,6 +390,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     english = train_loader(texts["old_train"], args.context, args.batch_size, args.base_steps, args.seed)
     pretrain.fit(base, english, val_loader("old"))
     base_val_old = pretrain.validate(base, val_loader("old"), verbose=False)[0]["val/old_loss"]
+    # The base must model English better than its byte frequencies do (a --quick toy: better than chance).
+    counts = torch.bincount(texts["old_train"].long(), minlength=256).double()
+    frequencies = counts[counts > 0] / counts.sum()
+    floor = math.log(256) if args.quick else float(-(frequencies * frequencies.log()).sum())
+    require_learned(
+        "the base's English validation loss (nats per character)", base_val_old, floor,
+        f"The bound is {'chance, ln 256' if args.quick else 'the unigram entropy of the English bytes'}. "
+        "Pretrain longer (--base-steps) or a larger model.", higher_is_better=False,
+    )  # fmt: skip
     base_weights = {k: v.detach().cpu() for k, v in base.state_dict().items()}
     save_file(base_weights, str(out / "base.safetensors"))
 
