@@ -1,11 +1,12 @@
 """Checkpoint averaging, greedy model soups and task-arithmetic blending for PyTorch Lightning.
 
 The callbacks exported here subclass ``pytorch_lightning.Callback``; the same classes bound to
-``lightning.pytorch`` live in :mod:`lightning_soup.lightning`. The pure functional core is
-:mod:`lightning_soup.merge`.
+``lightning.pytorch`` live in :mod:`lightning_soup.lightning`. :func:`soup` and :func:`compose` merge finished
+models with your validation (:mod:`lightning_soup.posthoc`), and :class:`SoupCLI` adds them to a ``LightningCLI``.
+The pure functional core is :mod:`lightning_soup.merge`.
 
-The callbacks are imported lazily, so ``lightning_soup.merge``, the storage layer and the CLI never import
-Lightning.
+Everything but ``SoupError`` is imported lazily, so ``lightning_soup.merge``, the storage layer and the CLI never
+import Lightning.
 """
 
 from typing import TYPE_CHECKING, Any
@@ -13,12 +14,23 @@ from typing import TYPE_CHECKING, Any
 from lightning_soup.errors import SoupError
 
 if TYPE_CHECKING:
-    from lightning_soup._pl import CheckpointAveraging, GreedySoup, TaskArithmeticBlend
+    from lightning_soup._pl import CheckpointAveraging, GreedySoup, SoupCLI, TaskArithmeticBlend
+    from lightning_soup.posthoc import MergeResult, compose, soup
 
-__all__ = ["CheckpointAveraging", "GreedySoup", "SoupError", "TaskArithmeticBlend"]
+__all__ = [
+    "CheckpointAveraging",
+    "GreedySoup",
+    "MergeResult",
+    "SoupCLI",
+    "SoupError",
+    "TaskArithmeticBlend",
+    "compose",
+    "soup",
+]
 __version__ = "0.1.0"
 
-_CALLBACKS = frozenset({"CheckpointAveraging", "GreedySoup", "TaskArithmeticBlend"})
+_CALLBACKS = frozenset({"CheckpointAveraging", "GreedySoup", "SoupCLI", "TaskArithmeticBlend"})
+_POSTHOC = frozenset({"MergeResult", "compose", "soup"})
 
 
 def __getattr__(name: str) -> Any:
@@ -26,4 +38,8 @@ def __getattr__(name: str) -> Any:
         from lightning_soup import _pl
 
         return getattr(_pl, name)
+    if name in _POSTHOC:
+        from lightning_soup import posthoc
+
+        return getattr(posthoc, name)
     raise AttributeError(f"module 'lightning_soup' has no attribute {name!r}")

@@ -12,7 +12,7 @@ from lightning_soup.callbacks.blend import _TaskArithmeticBlend
 from lightning_soup.callbacks.greedy_soup import _GreedySoup
 from lightning_soup.errors import SoupError
 
-__all__ = ["CheckpointAveraging", "GreedySoup", "SoupError", "TaskArithmeticBlend"]
+__all__ = ["CheckpointAveraging", "GreedySoup", "SoupCLI", "SoupError", "TaskArithmeticBlend"]
 
 
 class CheckpointAveraging(_CheckpointAveraging, pl.Callback):
@@ -25,3 +25,12 @@ class GreedySoup(_GreedySoup, pl.Callback):
 
 class TaskArithmeticBlend(_TaskArithmeticBlend, pl.Callback):
     __doc__ = _TaskArithmeticBlend.__doc__
+
+
+def __getattr__(name: str) -> object:
+    # SoupCLI needs jsonargparse (Lightning's CLI extra): built on first use, so the callbacks never import it.
+    if name == "SoupCLI":
+        from lightning_soup._soupcli import soup_cli_class
+
+        return soup_cli_class(pl.__name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -117,3 +117,41 @@ def satisfies(bounds: Sequence[Bound], values: Mapping[str, float]) -> bool:
 def total_violation(bounds: Sequence[Bound], values: Mapping[str, float]) -> float:
     """The sum of the bounds' normalised violations: how far ``values`` are from satisfying all of them."""
     return math.fsum(b.violation(values[b.metric]) for b in bounds)
+
+
+def choose(
+    scores: Sequence[float] | None, values: Sequence[Mapping[str, float]], mode: str, bounds: Sequence[Bound]
+) -> tuple[int, bool | None]:
+    """The chosen candidate: the best score among those meeting every bound, else the closest to meeting them.
+
+    Ties go to the first listed; a NaN score ranks last. Without bounds the best score wins (``met`` is None); when
+    no candidate meets them, the one with the smallest :func:`total_violation` wins (``met`` is False), ties broken
+    by score, then order.
+
+    Args:
+        scores: each candidate's monitored value, or None to rank by order (the first candidate is best).
+        values: each candidate's value of every bound's metric.
+        mode: ``"max"`` or ``"min"``, for `scores`.
+        bounds: the parsed constraint.
+
+    Returns:
+        ``(index, met)``.
+
+    Example:
+        >>> choose([0.9, 0.8, 0.7], [{"s": 0.1}, {"s": 0.95}, {"s": 0.99}], "max", parse_constraint("s>=0.9"))
+        (1, True)
+    """
+
+    def rank(i: int) -> float:  # larger is better; NaN last
+        if scores is None:
+            return -float(i)
+        score = scores[i]
+        return -math.inf if math.isnan(score) else (score if mode == "max" else -score)
+
+    candidates = range(len(values))
+    if not bounds:
+        return max(candidates, key=lambda i: (rank(i), -i)), None
+    feasible = [i for i in candidates if satisfies(bounds, values[i])]
+    if feasible:
+        return max(feasible, key=lambda i: (rank(i), -i)), True
+    return min(candidates, key=lambda i: (total_violation(bounds, values[i]), -rank(i), i)), False

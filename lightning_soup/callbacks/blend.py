@@ -22,7 +22,7 @@ from typing_extensions import override
 
 from lightning_soup import storage
 from lightning_soup.callbacks import _base, _dist, _report, _tensors
-from lightning_soup.callbacks._constraint import Bound, parse_constraint, satisfies, total_violation
+from lightning_soup.callbacks._constraint import Bound, choose, parse_constraint, satisfies, total_violation
 from lightning_soup.errors import SoupError
 
 if TYPE_CHECKING:
@@ -404,20 +404,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         """The chosen candidate's index, and whether it meets the constraint (None without a constraint)."""
         from lightning_soup.callbacks._evaluate import resolve_monitor
 
-        def rank(i: int) -> float:  # larger is better; NaN last
-            if self.monitor is None:
-                return -float(i)
-            score = resolve_monitor(rows[i], self.monitor)
-            return -math.inf if math.isnan(score) else (score if self.mode == "max" else -score)
-
-        candidates = range(len(rows))
-        if not self.constraint:
-            return max(candidates, key=lambda i: (rank(i), -i)), None
+        scores = None if self.monitor is None else [resolve_monitor(row, self.monitor) for row in rows]
         values = [{b.metric: resolve_monitor(row, b.metric) for b in self.constraint} for row in rows]
-        feasible = [i for i in candidates if satisfies(self.constraint, values[i])]
-        if feasible:
-            return max(feasible, key=lambda i: (rank(i), -i)), True
-        return min(candidates, key=lambda i: (total_violation(self.constraint, values[i]), -rank(i), i)), False
+        return choose(scores, values, self.mode, self.constraint)
 
     def _summary(self, rows: Sequence[Mapping[str, float]], index: int, met: bool | None) -> dict[str, Any]:
         from lightning_soup.callbacks._evaluate import resolve_monitor
