@@ -142,8 +142,7 @@ def soup(
         with _restored_on_error(model):
             own = []
             for lazy in lazies:  # first read of each checkpoint
-                _tensors.load_into_module_(model, _OnDevice(lazy, device))
-                own.append(validator())
+                own.append(_load_and_validate(model, _read_all(lazy, device), validator))
             scores = [_score(m, monitor) for m in own]
             if method == "greedy":
                 soup_metrics, rows = _greedy(model, validator, lazies, device, scores, own, monitor, mode)
