@@ -213,22 +213,30 @@ def _uniform(
     scores: list[float],
     own: list[dict[str, float]],
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    live = _tensors.module_tensors(model)
-    keys = [k for k, v in live.items() if v.is_floating_point()]
-    fixed = [k for k in live if k not in keys]
-    sums: list[Tensor] = []
-    with torch.no_grad():
-        for i, lazy in enumerate(lazies):  # second read of each checkpoint: one ingredient at a time
-            tensors = [lazy[k].to(device) for k in keys]
-            if i == 0:
-                sums = [t.to(acc_dtype(t.dtype), copy=True) for t in tensors]
-            else:
-                _inplace.accumulate_(sums, tensors)
-            del tensors
-        _inplace.assign_mean_([live[k] for k in keys], sums, len(lazies))
-        del sums
-        # non-floating entries (integer buffers) are taken from the first checkpoint, never averaged
-        _inplace.assign_([live[k] for k in fixed], [lazies[0][k] for k in fixed])
+    if merge.lora_pairs(lazies[0].keys()):
+        # LoRA factors are averaged on ΔW = B·A (every checkpoint in memory at once: adapters are small)
+        result, _ = merge.lora_uniform_soup([_OnDevice(lz, device) for lz in lazies])
+        _tensors.load_into_module_(model, result)
+        del result
+    else:
+        live = _tensors.unique_tensors(_tensors.module_tensors(model))  # tied weights written once
+        keys = [k for k, v in live.items() if v.is_floating_point()]
+        fixed = [k for k in live if k not in keys]
+        sums: list[Tensor] = []
+        with torch.no_grad():
+            for i, lazy in enumerate(lazies):  # second read of each checkpoint: one ingredient at a time
+                sd = _tensors.canonical(_OnDevice(lazy, device))
+                tensors = [sd[k] for k in keys]
+                if i == 0:
+                    sums = [t.to(acc_dtype(t.dtype), copy=True) for t in tensors]
+                else:
+                    _inplace.accumulate_(sums, tensors)
+                del tensors
+            _inplace.assign_mean_([live[k] for k in keys], sums, len(lazies))
+            del sums
+            # non-floating entries (integer buffers) are taken from the first checkpoint, never averaged
+            first = _tensors.canonical(_OnDevice(lazies[0], device))
+            _inplace.assign_([live[k] for k in fixed], [first[k] for k in fixed])
     metrics = validator()
     rows = [
         {"index": i, "score": scores[i], "metrics": own[i], "accepted": True, "soup_score": None, "skipped": False}
@@ -325,6 +333,15 @@ def compose(
     metric_names = list(dict.fromkeys([monitor, *(b.metric for b in bounds)]))
     with _opened(base_paths + ft_paths) as lazies:
         _check_fits(model, lazies, names)
+        lora = bool(merge.lora_pairs(lazies[0].keys()))
+        if lora and method != "task_arithmetic":
+            raise SoupError(
+                f"These checkpoints hold LoRA factors, which compose merges on ΔW = B·A with `method='task_arithmetic'` "
+                f"only; got `method={method!r}`. Use task_arithmetic, or merge the adapters into dense weights first "
+                "(`lightning-soup ... --merge-into BASE`)."
+            )
+        if lora:
+            function = merge.lora_task_arithmetic
         _check_related(lazies[1:], names[1:], base=lazies[0])
         device = _device(model)
         validator = _Validator(trainer, model, datamodule, val_dataloaders, log, metric_names)
@@ -337,7 +354,7 @@ def compose(
                 fts.append(_read_all(lazy, device))
                 metrics = _load_and_validate(model, fts[-1], validator)
                 references.append({"name": f"finetuned[{i}]", "path": names[i + 1], "metrics": metrics})
-            tvs = [merge.task_vector(ft, base_sd) for ft in fts] if method == "task_arithmetic" else []
+            tvs = [merge.task_vector(ft, base_sd) for ft in fts] if method == "task_arithmetic" and not lora else []
             rows = []
             for scale in grid:
                 candidate = _candidate(function, method, base_sd, fts, tvs, scale, density, seed)
@@ -450,7 +467,10 @@ def _candidate(
 ) -> dict[str, Tensor]:
     """One candidate: `method` of lightning_soup.merge at one entry of the scale grid."""
     if method == "task_arithmetic":
-        return function(base, task_vectors, list(scale) if isinstance(scale, tuple) else scale)
+        coefficients = list(scale) if isinstance(scale, tuple) else scale
+        if not task_vectors:  # LoRA: lora_task_arithmetic takes the fine-tunes and returns (state, report)
+            return function(base, finetuned, coefficients)[0]
+        return function(base, task_vectors, coefficients)
     if method == "model_stock":
         return function(base, finetuned)
     coefficient = scale
@@ -651,7 +671,7 @@ def _check_fits(model: Any, lazies: Sequence[storage.LazyStateDict], names: Sequ
     """Every checkpoint has the module's keys and shapes (checked on headers only)."""
     layout = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in _tensors.module_tensors(model).items()}
     try:
-        check_compatible([layout, *lazies], ["model.state_dict()", *names])
+        check_compatible([layout, *(_tensors.canonical(lz.meta()) for lz in lazies)], ["model.state_dict()", *names])
     except SoupError as e:
         raise SoupError(f"{e}\nThe checkpoints must be keyed like `model.state_dict()` (fine-tunes of this model).") from None
 
@@ -666,7 +686,8 @@ def _check_related(lazies: Sequence[Any], names: Sequence[str], base: Any = None
 
 def _output_dir(trainer: Any, dirpath: str | os.PathLike | None) -> Path:
     out = Path(dirpath).expanduser() if dirpath is not None else Path(trainer.default_root_dir) / "soup"
-    problem = _base._check_writable_dir(out) if trainer.is_global_zero else None
+    # every rank checks (nothing is initialised to share a verdict before the first validation), so all stop together
+    problem = _base._check_writable_dir(out)
     if problem:
         raise SoupError(problem.replace("before training", "before merging"))
     return out
