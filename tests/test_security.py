@@ -482,3 +482,41 @@ def test_a_fifo_blend_anchor_fails_before_training(tmp_path: Path) -> None:
     with pytest.raises(SoupError, match="is a FIFO"):
         _call_with_timeout(lambda: trainer.fit(model))
     assert model.training_steps == 0
+
+
+@pytest.mark.parametrize("command", ["inspect", "average"])
+def test_cli_escape_sequences_in_tensor_names_never_reach_the_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """A key from a crafted file holding ESC/BEL/bidi controls is shown escaped, in tables and in errors."""
+    key = "w\x1b[31m\x1b]0;owned\x07\u202e"
+    paths = []
+    for i, value in enumerate([1.0, 2.0, float("nan") if command == "average" else 3.0]):
+        paths.append(tmp_path / f"m{i}.safetensors")
+        save_file({key: torch.tensor([value, -value]), "b": torch.tensor([float(i)])}, paths[-1])
+    from lightning_soup.cli import main
+
+    argv = ["inspect", paths[1], paths[2], "--base", paths[0]] if command == "inspect" else ["average", *paths[1:]]
+    rc = main([str(a) for a in argv] + (["-o", str(tmp_path / "out.safetensors")] if command == "average" else []))
+    out, err = capsys.readouterr()
+    assert rc == (0 if command == "inspect" else 1), err
+    shown = out + err
+    assert "\\x1b[31m" in shown and "\\u202e" in shown, shown
+    assert not set(shown) & {"\x1b", "\x07", "\u202e"}, repr(shown)
+
+
+@pytest.mark.parametrize("kind", ["meta", "quantised"])
+def test_ckpt_tensors_without_plain_data_are_soup_errors(tmp_path: Path, kind: str) -> None:
+    import warnings
+
+    path = tmp_path / f"{kind}.ckpt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantize_per_tensor is deprecated
+        tensor = (
+            torch.empty(3, 3, device="meta")
+            if kind == "meta"
+            else torch.quantize_per_tensor(torch.randn(3, 3), 0.1, 0, torch.qint8)
+        )
+        torch.save({"state_dict": {"w": tensor, "b": torch.ones(3)}}, path)
+    with pytest.raises(SoupError, match="without data|quantised torch.qint8"):
+        storage.open_state_dict(path)

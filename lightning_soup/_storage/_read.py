@@ -172,6 +172,15 @@ def _check_claimed_size(path: Path, key: str, t: Tensor) -> None:
             f"{path}: `{_format._short(key)}` is a {t.layout} tensor; only dense tensors are read. "
             "Re-save the state dict with `.to_dense()` tensors."
         )
+    if t.is_quantized:
+        raise SoupError(
+            f"{path}: `{_format._short(key)}` is a quantised {t.dtype} tensor; only plain tensors are read. "
+            "Re-save the state dict with `.dequantize()` tensors."
+        )
+    if t.device.type != "cpu":  # map_location="cpu" moves everything that has data; a meta tensor has none
+        raise SoupError(
+            f"{path}: `{_format._short(key)}` is a {t.device.type} tensor without data; save real weights."
+        )
     claimed = t.numel() * t.element_size()
     held = t.untyped_storage().nbytes()
     if claimed > max(held, _MAX_EXPANDED):

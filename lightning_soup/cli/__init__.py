@@ -468,9 +468,17 @@ def _describe(e: BaseException, *, debug: bool) -> str:
     return f"unexpected {type(e).__name__}: {e}{hint}"
 
 
+def printable(message: object) -> str:
+    """``message`` with control characters shown as escapes: keys and paths come from untrusted files, and an
+    escape sequence in a tensor name must not reach the terminal (retitle it, hide text, fake output)."""
+    return "".join(
+        c if c.isprintable() or c == " " else (c.encode("unicode_escape").decode("ascii")) for c in str(message)
+    )
+
+
 def _show_warning(message: Warning | str, category: type[Warning], *_: object, **__: object) -> None:
-    print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: warning: {printable(message)}", file=sys.stderr, flush=True)
 
 
 def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+    print(f"{PROG}: error: {printable(message)}", file=sys.stderr, flush=True)

@@ -66,11 +66,21 @@ def run_inspect(args: Namespace) -> int:
     return 0
 
 
+def _plain(text: object) -> str:
+    """User text for a rich ``Text`` (no markup): control characters shown as escapes."""
+    from lightning_soup.cli import printable
+
+    return printable(text)
+
+
 def _e(text: object) -> str:
-    """User text (a path, a key) made safe for rich markup."""
+    """User text (a path, a key) made safe for rich: markup escaped, control characters (a terminal escape
+    sequence in a tensor name) shown as escapes."""
     from rich.markup import escape
 
-    return escape(str(text))
+    from lightning_soup.cli import printable
+
+    return escape(printable(text))
 
 
 # ---------------------------------------------------------------------------------------------------- rendering
@@ -138,7 +148,7 @@ def render_compatibility(compat: Compatibility, *, limit: int = 20) -> Renderabl
         parts.append(Text("✗ not compatible:", style="bold red"))
         problems = compat.problems()
         for line in problems[:limit]:
-            parts.append(Text(f"  {line}", style="red"))
+            parts.append(Text(f"  {_plain(line)}", style="red"))
         if len(problems) > limit:
             parts.append(Text(f"  … and {len(problems) - limit} more"))
         parts.append(Text(f"  {len(compat.common)} tensors are common to all with the same shape and kind"))
