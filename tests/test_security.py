@@ -505,18 +505,54 @@ def test_cli_escape_sequences_in_tensor_names_never_reach_the_terminal(
     assert not set(shown) & {"\x1b", "\x07", "\u202e"}, repr(shown)
 
 
-@pytest.mark.parametrize("kind", ["meta", "quantised"])
+@pytest.mark.parametrize("kind", ["meta", "quantised", "sparse"])
 def test_ckpt_tensors_without_plain_data_are_soup_errors(tmp_path: Path, kind: str) -> None:
     import warnings
 
     path = tmp_path / f"{kind}.ckpt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantize_per_tensor is deprecated
-        tensor = (
-            torch.empty(3, 3, device="meta")
-            if kind == "meta"
-            else torch.quantize_per_tensor(torch.randn(3, 3), 0.1, 0, torch.qint8)
-        )
+        tensor = {
+            "meta": lambda: torch.empty(3, 3, device="meta"),
+            "quantised": lambda: torch.quantize_per_tensor(torch.randn(3, 3), 0.1, 0, torch.qint8),
+            "sparse": lambda: torch.eye(3).to_sparse(),
+        }[kind]()
         torch.save({"state_dict": {"w": tensor, "b": torch.ones(3)}}, path)
-    with pytest.raises(SoupError, match="without data|quantised torch.qint8"):
+    with pytest.raises(SoupError, match="without data|quantised torch.qint8|sparse_coo tensor; only dense"):
         storage.open_state_dict(path)
+
+
+def test_callback_summary_tables_show_metric_names_and_paths_as_text() -> None:
+    """A metric or path with `[/]` in it used to raise rich's MarkupError at the end of fit, after the files."""
+    import io
+
+    from rich.console import Console
+
+    from lightning_soup.callbacks._report import averaging_table, blend_table, greedy_soup_table
+
+    name = "val/acc[/][bold]"
+    tables = [
+        blend_table(
+            [{"ratio": 0.5, "metrics": {name: 0.9}, "meets_constraint": True}],
+            chosen=0,
+            monitor=name,
+            constraint=[f"{name}>=0.5"],
+            anchor="runs/[/]base.safetensors",
+        ),
+        greedy_soup_table(
+            {
+                "monitor": name,
+                "mode": "max",
+                "soup_score": 0.9,
+                "ingredients": [{"epoch": 0, "step": 1, "score": 0.9, "status": "skipped", "reason": "[/] odd"}],
+            }
+        ),
+        averaging_table({"window": 2, "averaged": [{"epoch": 1, "global_step": 2}]}, "out[/]/average.safetensors"),
+    ]
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=300)
+    for table in tables:
+        console.print(table)
+    text = buffer.getvalue()
+    assert text.count("val/acc[/][bold]") >= 3 and "runs/[/]base" in text and "[/] odd" in text, text
+    assert "out[/]/average" in text
