@@ -177,16 +177,17 @@ def _as_float(value: Any) -> float:
 
 
 def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
-    """What ``CheckpointAveraging`` averaged: one row per snapshot in the window, oldest first.
+    """What ``CheckpointAveraging`` averaged: one row per snapshot in the window, oldest first, with its weight.
 
     Args:
-        recipe: the averaging recipe (``window``, the schedule, ``averaged``: ``{"epoch", "global_step"}`` rows,
-            ``snapshots_taken``).
+        recipe: the averaging recipe (``window``, the schedule, ``weights``, ``averaged``: ``{"epoch",
+            "global_step", "weight"}`` rows, ``snapshots_taken``).
         path: where the average was written, for the caption.
 
     Example:
         >>> recipe = {"window": 2, "every_n_epochs": 1, "every_n_train_steps": None, "snapshots_taken": 3,
-        ...           "averaged": [{"epoch": 1, "global_step": 12}, {"epoch": 2, "global_step": 18}]}
+        ...           "weights": "uniform", "averaged": [{"epoch": 1, "global_step": 12, "weight": 0.5},
+        ...                                              {"epoch": 2, "global_step": 18, "weight": 0.5}]}
         >>> averaging_table(recipe, "soup/average.safetensors").row_count
         2
     """
@@ -194,7 +195,9 @@ def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
     steps = recipe.get("every_n_train_steps")
     schedule = f"every {steps} optimizer steps" if steps else f"every {recipe.get('every_n_epochs', 1)} epoch(s)"
     taken = recipe.get("snapshots_taken", len(rows))
-    title = f"CheckpointAveraging: mean of the last {len(rows)} of {taken} snapshots ({schedule})"
+    weights = recipe.get("weights", "uniform")
+    kind = "mean" if weights == "uniform" else escape(f"weighted mean (weights={weights!r})")
+    title = f"CheckpointAveraging: {kind} of the last {len(rows)} of {taken} snapshots ({schedule})"
     caption = f"window={escape(str(recipe.get('window')))}"
     if path is not None:
         caption += f"; written to {escape(str(path))}"
@@ -203,8 +206,13 @@ def averaging_table(recipe: Mapping[str, Any], path: Any = None) -> Table:
     table.add_column("#", justify="right")
     table.add_column("epoch", justify="right")
     table.add_column("global step", justify="right")
+    table.add_column("weight", justify="right")
     for i, row in enumerate(rows):
-        table.add_row(str(i + 1), _fmt(row.get("epoch")), _fmt(row.get("global_step")))
+        weight = row.get("weight")
+        table.add_row(
+            str(i + 1), _fmt(row.get("epoch")), _fmt(row.get("global_step")),
+            "" if weight is None else f"{weight:.4f}",
+        )
     return table
 
 

@@ -6,22 +6,25 @@ Pre-training*, 2023): averaging the last few checkpoints of a run generalises be
 
 How it works. A snapshot is the module's weights after every ``every_n_epochs``-th training epoch, or after every
 ``every_n_train_steps``-th optimizer step (``trainer.global_step``: gradient accumulation and manual optimization
-count the way Lightning counts them). The training device holds one float32 running sum of the window's floating
-tensors, updated in a single ``_foreach`` pass per snapshot (``sum += new - evicted``, via
-:mod:`lightning_soup.merge._inplace`), with no ``.item()`` and no host synchronisation. The snapshots themselves
-live in ``dirpath/snapshots/`` as safetensors files (``snapshots="disk"``, the default; written by a background
-thread from a host copy, atomically) or in host RAM (``snapshots="cpu"``, pinned when the weights are on CUDA), so
-device memory does not grow with ``window``. To keep float32 add/evict rounding from accumulating, the sum is
-recomputed exactly from the window's snapshots every ``window`` evictions and once more at the end of fit.
+count the way Lightning counts them). Taking one costs training a single copy of the weights into a reused host
+buffer (pinned, on a side stream, when they live on CUDA: no host synchronisation), and nothing else: the
+snapshots live in ``dirpath/snapshots/`` as safetensors files (``snapshots="disk"``, the default; written atomically
+from that buffer by a background thread at the lowest CPU priority) or in host RAM (``snapshots="cpu"``, the
+evicted snapshot's buffer reused), so device memory does not grow with ``window`` — it holds nothing extra at all
+during training. No running sum is kept: the average is computed at the end of fit (and for ``validate_average``)
+from the window's snapshots, oldest first, one snapshot at a time, in float32 — so an evicted snapshot is never
+read back, and no add/evict rounding accumulates however many snapshots are taken. ``weights`` shapes the window:
+uniform (LAWA), or the merge weights of a learning-rate decay (WSM; see :mod:`lightning_soup.merge._window` for
+the exact weights of each shape).
 
 Resuming. The callback's checkpoint state is plain counters and file names; on ``trainer.fit(..., ckpt_path=...)``
-the sum is rebuilt from the snapshot files the checkpoint names, so the window continues exactly as if training
-had not stopped. Snapshot files that leave the window are deleted, unless one of the two most recent Lightning
-checkpoints still names them. In ``snapshots="cpu"`` mode the window's snapshots are written to disk when (and
+the window continues from the snapshot files the checkpoint names, exactly as if training had not stopped.
+Snapshot files that leave the window are deleted, unless one of the two most recent Lightning checkpoints still
+names them. In ``snapshots="cpu"`` mode the window's snapshots are written to disk when (and
 only when) a checkpoint is saved.
 
 Distributed training. Under DDP-like replicated strategies the replicas are identical, so global rank zero alone
-keeps the window and the running sum (the other ranks keep only the counters), and nothing is communicated during
+keeps the window (the other ranks keep only the counters), and nothing is communicated during
 training — except with ``validate_average=True``, where rank zero's average is broadcast before every rank runs
 the validation loop on it. At the end of fit rank zero computes the average, :func:`~._dist.broadcast_module_`
 gives it to every rank, and only global rank zero writes files; every rank joins each collective, so nothing
@@ -31,10 +34,13 @@ deadlocks. The tensor code is shard-local (it works on :func:`~._tensors.module_
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import threading
+import time
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import torch
 from torch import Tensor
@@ -43,28 +49,43 @@ from typing_extensions import override
 from lightning_soup import storage
 from lightning_soup.callbacks import _base, _dist, _tensors
 from lightning_soup.errors import SoupError
-from lightning_soup.merge import _inplace
+from lightning_soup.merge import _inplace, _window
+from lightning_soup.merge._core import acc_dtype
 
 if TYPE_CHECKING:
     import pytorch_lightning as pl
 
 SnapshotStorage = Literal["disk", "cpu"]
+WindowWeights = Union[Literal["uniform", "linear", "cosine", "1-sqrt"], list[float]]
 _STORAGES = ("disk", "cpu")
 _SNAPSHOT_DIR = "snapshots"
 _AVERAGE_FILE = "average.safetensors"
 _STATE_VERSION = 1
 
 
-class _SnapshotStore:
-    """Rank zero's side of the window: the float32 running sum on the weights' device, and the snapshots.
+def _background_priority() -> None:
+    """Run the calling (writer) thread at the lowest CPU priority, so a snapshot write never takes a core from
+    training; on Linux the nice value is per thread (``setpriority`` on its native id). Best effort elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass
 
-    Holds no schedule and no names of its own: the callback says which snapshot to add, which to evict and when to
-    recompute exactly. Everything here is shard-local and device-agnostic.
+
+class _SnapshotStore:
+    """Rank zero's side of the window: the snapshots, and weighted means computed from them when asked.
+
+    Training pays one copy per snapshot and nothing else: the module's tensors are copied into a reused host
+    buffer (pinned, on a side stream, when they live on CUDA), and in ``"disk"`` mode a low-priority background
+    thread writes that buffer to ``directory/<name>``; in ``"cpu"`` mode the buffer is the snapshot (the evicted
+    snapshot's buffer is reused). No running sum is kept, so the evicted snapshot is never read back and there is
+    no add/evict rounding: every mean is computed afresh from the window's snapshots, oldest first, in float32
+    (float64 for float64 tensors), one snapshot (one tensor, from a file) at a time.
 
     Args:
         directory: where snapshot files go (``<name>`` → ``directory/<name>``).
         mode: ``"disk"`` keeps snapshots only in files; ``"cpu"`` keeps them in host RAM and writes files on demand.
-        template: the module's tensors (``{key: tensor}``); fixes keys, dtypes, shapes and the device of the sum.
+        template: the module's tensors (``{key: tensor}``); fixes keys, dtypes, shapes and devices.
     """
 
     def __init__(self, directory: Path, mode: str, template: Mapping[str, Tensor]) -> None:
@@ -72,170 +93,130 @@ class _SnapshotStore:
         self.mode = mode
         self.keys = list(template)
         self.float_keys, floats = _tensors.floating_items(template)
-        position = {k: i for i, k in enumerate(self.keys)}
-        self._float_index = [position[k] for k in self.float_keys]
-        # One float32 running sum per floating tensor, on that tensor's device: the only device memory we keep.
-        self.sums: list[Tensor] = [torch.zeros_like(t, dtype=torch.float32) for t in floats]
         self.device = floats[0].device if floats else torch.device("cpu")
-        self._pin = self.device.type == "cuda"
+        self._cuda = self.device.type == "cuda"
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._ram: dict[str, list[Tensor]] = {}  # mode "cpu": name -> host copies, in self.keys order
         self._ready: dict[str, Any] = {}  # name -> CUDA event recorded after its device-to-host copy
         self._on_disk: set[str] = set()
-        self._staging: list[Tensor] | None = None  # mode "disk": host copy being written by the worker
-        self._staging_read: Any = None  # CUDA event: the last upload from the staging buffers is done
-        self._spare: list[Tensor] | None = None  # CPU device: the evicted snapshot's buffers, reused as staging
+        self._staging: list[Tensor] | None = None  # mode "disk": the host buffer the writer writes from
         self._pending: concurrent.futures.Future[None] | None = None
-        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-snapshots")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="lightning_soup-snapshots", initializer=_background_priority
+        )
         self._lock = threading.Lock()
+        self.reads: list[str] = []  # every snapshot read back, in order (tests and benchmarks count them)
 
     # ----------------------------------------------------------------------------------------------------- update
     @torch.no_grad()
     def push(
-        self,
-        name: str,
-        live: Mapping[str, Tensor],
-        evicted: str | None = None,
-        exact: Sequence[str] | None = None,
-        recipe: Mapping[str, Any] | None = None,
+        self, name: str, live: Mapping[str, Tensor], evicted: str | None = None, recipe: Mapping[str, Any] | None = None
     ) -> None:
-        """Add the module's current tensors as snapshot ``name``, evicting snapshot ``evicted``.
+        """Add the module's current tensors as snapshot ``name``; snapshot ``evicted`` leaves the window.
+
+        The hot path: one copy pass, no host synchronisation with the device, nothing read back.
 
         Args:
             name: the new snapshot's name.
-            live: the module's live tensors (not modified; copied to host/disk).
-            evicted: the snapshot leaving the window, subtracted from the sum (None: the window was not full).
-            exact: when given, the names of the whole window after this push (oldest first, ``name`` last): the
-                sum is recomputed from them instead of updated, which wipes out accumulated rounding.
+            live: the module's live tensors (not modified; copied to host memory).
+            evicted: the snapshot leaving the window (its host buffers are reused in ``"cpu"`` mode; its file is
+                deleted by the caller through :meth:`delete_files`).
             recipe: metadata recorded in the snapshot file.
         """
-        floats = [live[k] for k in self.float_keys]
-        if self.mode == "disk":
-            self.flush()  # the files read below, and the staging buffers, must be complete
-        if exact is not None:
-            older = [n for n in exact if n != name]
-            self._resum(older, extra=floats)
-        elif evicted is not None:
-            _inplace.accumulate_(self.sums, floats, self._floats_on_device(evicted))
-        else:
-            _inplace.accumulate_(self.sums, floats)
-        self._store(name, [live[k] for k in self.keys], evicted, recipe)
-
-    def _resum(self, names: Sequence[str], extra: list[Tensor] | None = None) -> None:
-        """sums = Σ snapshots ``names`` (oldest first) [+ ``extra``], reading one snapshot at a time."""
-        parts = [lambda n=n: self._floats_on_device(n) for n in names]
-        if extra is not None:
-            parts.append(lambda: extra)
-        if not parts:
-            torch._foreach_zero_(self.sums)
-            return
-        _inplace.assign_(self.sums, parts[0]())
-        for part in parts[1:]:
-            _inplace.accumulate_(self.sums, part())
-
-    @torch.no_grad()
-    def rebuild(self, names: Sequence[str]) -> None:
-        """Recompute the sum exactly from the snapshots ``names`` (after a resume, or at the end of fit).
-
-        In ``"cpu"`` mode snapshots not in RAM are read from their files into RAM first.
-        """
+        tensors = [live[k] for k in self.keys]
         if self.mode == "cpu":
-            for n in names:
-                if n not in self._ram:
-                    loaded = storage.load_state_dict(self.directory / n)
-                    self._ram[n] = self._host_copy([loaded[k] for k in self.keys])
-                    self._on_disk.add(n)
-        self._resum(list(names))
-
-    @torch.no_grad()
-    def mean_into_(self, out: Sequence[Tensor], count: int) -> None:
-        """Write ``sum / count`` into the module's floating tensors ``out`` (in their own dtypes)."""
-        _inplace.assign_mean_(list(out), self.sums, count)
-
-    # ---------------------------------------------------------------------------------------------------- storage
-    def _host_copy(self, tensors: Sequence[Tensor], into: list[Tensor] | None = None) -> list[Tensor]:
-        if into is None:
-            into = [torch.empty_like(t, device="cpu", pin_memory=self._pin) for t in tensors]
-        # Device-to-host into pinned memory is asynchronous; an event marks when the host copy is complete.
-        torch._foreach_copy_(into, list(tensors), non_blocking=self._pin)
-        return into
-
-    def _store(self, name: str, tensors: list[Tensor], evicted: str | None, recipe: Mapping[str, Any] | None) -> None:
-        if self.mode == "cpu":
-            # Reuse the evicted snapshot's host buffers (stream order makes its host-to-device read come first).
             reuse = self._ram.pop(evicted, None) if evicted is not None else None
             self._ready.pop(evicted, None)
-            self._ram[name] = self._host_copy(tensors, into=reuse)
-            self._ready[name] = self._record_event()
+            self._ram[name], self._ready[name] = self._copy_out(tensors, reuse)
             self._on_disk.discard(name)
             return
-        self.flush()  # the worker may still be reading the staging buffers
-        with self._lock:
-            staging = self._staging if self._staging is not None else self._spare
-        self._spare = None
-        self._staging = self._host_copy(tensors, into=staging)
-        event = self._record_event()
+        self.flush()  # the writer is done with the staging buffer (normally long ago: a whole epoch passed)
+        self._staging, event = self._copy_out(tensors, self._staging)
         state = dict(zip(self.keys, self._staging))
         self._pending = self._executor.submit(self._write, name, state, event, dict(recipe or {}))
 
-    def _record_event(self) -> Any:
-        if not self._pin:
-            return None
-        event = torch.cuda.Event()
-        event.record()
-        return event
+    def _copy_out(self, tensors: list[Tensor], into: list[Tensor] | None) -> tuple[list[Tensor], Any]:
+        """Copy ``tensors`` into host buffers ``into`` (allocated once); on CUDA, also the event that completes it."""
+        if into is None:
+            into = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._cuda) for t in tensors]
+        if not self._cuda:
+            torch._foreach_copy_(into, tensors)
+            return into, None
+        # A side stream copies device-to-host into pinned memory asynchronously, after the work queued so far; the
+        # training stream waits for it on the device (never the host) before its next kernels, which may write
+        # these very tensors.
+        assert self._stream is not None
+        main = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(main)
+        with torch.cuda.stream(self._stream):
+            torch._foreach_copy_(into, tensors, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        main.wait_event(event)
+        return into, event
 
     def _write(self, name: str, state: dict[str, Tensor], event: Any, recipe: dict[str, Any]) -> None:
-        if event is not None:
-            event.synchronize()
+        _wait(event)
         storage.save_state_dict(state, self.directory / name, recipe=recipe)
         with self._lock:
             self._on_disk.add(name)
-            if not self._pin:
-                # On a CPU device host RAM is the device: between snapshots keep only the running sum. (Pinned
-                # staging for CUDA is kept: pinned allocations are slow, and it is not device memory.)
-                self._staging = None
 
-    def _floats_on_device(self, name: str) -> list[Tensor]:
-        """Snapshot ``name``'s floating tensors on the sums' device (a transient copy unless already there)."""
+    # ------------------------------------------------------------------------------------------------------ means
+    @torch.no_grad()
+    def weighted_mean_into_(
+        self, out: Sequence[Tensor], names: Sequence[str], weights: Sequence[float], newest_is_out: bool = False
+    ) -> None:
+        """``out = Σⱼ weights[j] · snapshot names[j]`` over the floating tensors (weights summing to 1).
+
+        Accumulated in float32 (float64 for float64 tensors) on ``out``'s devices, reading one snapshot at a time
+        (one tensor at a time from files); snapshots with weight 0 are not read.
+
+        Args:
+            out: the module's floating tensors, in ``float_keys`` order; overwritten in their own dtypes.
+            names: the window's snapshots, oldest first.
+            weights: one weight per snapshot.
+            newest_is_out: ``out`` holds the newest snapshot already (right after :meth:`push`): use it, read nothing.
+        """
+        out = list(out)
+        acc = [torch.zeros_like(t, dtype=acc_dtype(t.dtype)) for t in out]
+        terms = list(zip(names, weights))
+        if newest_is_out and terms:
+            _name, weight = terms.pop()
+            if weight:
+                _inplace.add_scaled_(acc, out, weight)
+        for name, weight in terms:
+            if weight:
+                self._add_snapshot_(acc, name, weight)
+        _inplace.assign_(out, acc)
+
+    def _add_snapshot_(self, acc: list[Tensor], name: str, weight: float) -> None:
+        self.reads.append(name)
         if self.mode == "cpu" and name in self._ram:
-            host = self._ram[name]
-            floats = [host[i] for i in self._float_index]
-        else:
-            self.flush()
-            self._spare = None  # at most one snapshot read at a time
-            state = storage.load_state_dict(self.directory / name)
-            floats = [state[k] for k in self.float_keys]
-            if not self._pin:
-                # Fresh host tensors shaped like a snapshot: once added, they become the next staging buffers, so a
-                # CPU device allocates (and page-faults) one snapshot per update, not two.
-                self._spare = [state[k] for k in self.keys]
-            else:
-                # Through the pinned staging buffers, so that the host-to-device copy below is asynchronous: a
-                # copy from pageable memory would block the host until the device caught up.
-                if self._staging is None:
-                    self._staging = [torch.empty_like(state[k], pin_memory=True) for k in self.keys]
-                elif self._staging_read is not None:
-                    self._staging_read.synchronize()  # a previous upload may still be reading them
-                pinned = [self._staging[i] for i in self._float_index]
-                torch._foreach_copy_(pinned, floats)
-                floats = pinned
-        if all(t.device == s.device for t, s in zip(floats, self.sums)):
-            return floats
-        uploaded = [t.to(s.device, non_blocking=True) for t, s in zip(floats, self.sums)]
-        if self._pin and self.mode == "disk":
-            self._staging_read = self._record_event()
-        return uploaded
+            host = dict(zip(self.keys, self._ram[name]))
+            floats = [host[k] for k in self.float_keys]
+            # Pinned host memory uploads asynchronously; the buffer is not reused before the stream has read it
+            # (the next device-to-host copy into it is queued after this on the side stream, see _copy_out).
+            _inplace.add_scaled_(acc, [t.to(a.device, non_blocking=True) for t, a in zip(floats, acc)], weight)
+            return
+        self.flush()
+        with storage.open_state_dict(self.directory / name) as lazy:
+            for a, key in zip(acc, self.float_keys):
+                a.add_(lazy[key].to(a.device), alpha=weight)
 
     def load(self, name: str) -> dict[str, Tensor]:
-        """All of snapshot ``name``'s tensors (host or device), e.g. for its integer buffers."""
+        """All of snapshot ``name``'s tensors on the host, e.g. for its integer buffers."""
+        self.reads.append(name)
         if self.mode == "cpu" and name in self._ram:
-            event = self._ready.get(name)
-            if event is not None:
-                event.synchronize()
+            _wait(self._ready.get(name))
             return dict(zip(self.keys, self._ram[name]))
         self.flush()
-        self._spare = None
         return storage.load_state_dict(self.directory / name)
+
+    # ---------------------------------------------------------------------------------------------------- storage
+    def adopt(self, names: Sequence[str]) -> None:
+        """Snapshots ``names`` exist as files already (a resumed run's window)."""
+        with self._lock:
+            self._on_disk.update(names)
 
     def persist(self, names: Sequence[str], recipes: Mapping[str, Mapping[str, Any]]) -> None:
         """Make sure snapshots ``names`` exist as files (a checkpoint is about to name them)."""
@@ -243,7 +224,9 @@ class _SnapshotStore:
         for n in names:
             if n in self._on_disk or n not in self._ram:
                 continue
-            storage.save_state_dict(self.load(n), self.directory / n, recipe=dict(recipes.get(n, {})))
+            _wait(self._ready.get(n))
+            state = dict(zip(self.keys, self._ram[n]))
+            storage.save_state_dict(state, self.directory / n, recipe=dict(recipes.get(n, {})))
             self._on_disk.add(n)
 
     def delete_files(self, names: Sequence[str]) -> None:
@@ -279,10 +262,18 @@ class _SnapshotStore:
             self.flush()
         finally:
             self._executor.shutdown(wait=True)
-            self.sums = []
             self._ram.clear()
             self._ready.clear()
-            self._staging = self._spare = None
+            self._staging = None
+
+
+def _wait(event: Any) -> None:
+    """Wait on the host for a CUDA event by polling (sleeping between polls): a background thread must not spin
+    on a core that training needs, and ``cudaEventSynchronize`` spins by default."""
+    if event is None:
+        return
+    while not event.query():
+        time.sleep(0.0005)
 
 
 class _CheckpointAveraging(_base.SoupCallback):
@@ -290,9 +281,9 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     A snapshot is taken after every ``every_n_epochs``-th training epoch, or — when ``every_n_train_steps`` is set,
     which replaces the epoch schedule — after every ``every_n_train_steps``-th optimizer step. Device memory holds
-    one float32 running sum whatever ``window`` is; the snapshots live in ``dirpath/snapshots/`` (or host RAM with
+    nothing extra during training; the snapshots live in ``dirpath/snapshots/`` (or host RAM with
     ``snapshots="cpu"``). At the end of fit the average (floating tensors, including BatchNorm running statistics,
-    averaged; integer buffers taken from the newest snapshot) is written to ``dirpath/average.safetensors``, with
+    averaged with the window's ``weights``; integer buffers taken from the newest snapshot) is written to ``dirpath/average.safetensors``, with
     its recipe in the metadata, and loaded into the module. The raw weights are kept in ``dirpath/final.safetensors``.
 
     Args:
@@ -305,7 +296,14 @@ class _CheckpointAveraging(_base.SoupCallback):
         validate_average: after every snapshot, run the validation loop on the current average (the newest
             snapshot included) and log its metrics as ``average/<metric>`` (e.g. ``average/val/acc``), for loggers
             and ``trainer.callback_metrics``. ``ModelCheckpoint``/``EarlyStopping`` keep monitoring the raw
-            weights' metrics, untouched. Costs one validation pass per snapshot.
+            weights' metrics, untouched. Costs one validation pass per snapshot (and reading the window's older
+            snapshots: from host RAM, or from files that are usually still in the page cache).
+        weights: the window's weights: ``"uniform"`` (the plain mean, LAWA), a decay shape ``"linear"``,
+            ``"cosine"`` or ``"1-sqrt"`` (the merge weights that emulate that learning-rate decay over the window,
+            WSM: ``cⱼ = f(j/n) − f((j+1)/n)`` for the n snapshots held, oldest first, where f is the decay from 1
+            to 0; ``"linear"`` gives the uniform mean), or a list of ``window`` non-negative numbers, oldest first
+            (normalised; a window not yet full uses the newest entries). The weights used are in the recipe and
+            the summary.
         verbose: print a summary table at the end of fit (global rank zero).
 
     Raises:
@@ -332,6 +330,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         dirpath: str | None = None,
         snapshots: SnapshotStorage = "disk",
         validate_average: bool = False,
+        weights: WindowWeights = "uniform",
         verbose: bool = True,
     ) -> None:
         problems = []
@@ -353,6 +352,9 @@ class _CheckpointAveraging(_base.SoupCallback):
         for flag, value in (("validate_average", validate_average), ("verbose", verbose)):
             if not isinstance(value, bool):
                 problems.append(f"`{flag}` must be True or False, got {value!r}")
+        weights_problem = _window.check_window_weights(weights, window)
+        if weights_problem is not None:
+            problems.append(weights_problem)
         if problems:
             raise SoupError("Invalid CheckpointAveraging arguments: " + "; ".join(problems) + ".")
 
@@ -362,6 +364,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         self._dirpath_arg = None if dirpath is None else str(dirpath)
         self.snapshots = snapshots
         self.validate_average = validate_average
+        self.weights: str | list[float] = weights if isinstance(weights, str) else [float(w) for w in weights]
         self.verbose = verbose
         self._store: _SnapshotStore | None = None
         self._reset()
@@ -370,10 +373,10 @@ class _CheckpointAveraging(_base.SoupCallback):
     def _reset(self) -> None:
         # Replicated on every rank (plain types): the window's records, oldest first, and the schedule counters.
         self._records: list[dict[str, Any]] = []
+        self._warned: set[Any] = set()
         self._taken = 0  # snapshots taken so far in this run (including evicted ones)
         self._last_epoch = -1  # epoch of the last epoch-schedule snapshot
         self._last_step = 0  # global_step of the last step-schedule snapshot
-        self._since_exact = 0  # evictions since the sum was last recomputed exactly
         self._retained: list[str] = []  # evicted files a recent checkpoint still names
         self._checkpointed: list[list[str]] = []  # the window's files at the two latest checkpoints
         self._dir: Path | None = None
@@ -403,7 +406,6 @@ class _CheckpointAveraging(_base.SoupCallback):
             "taken": self._taken,
             "last_epoch": self._last_epoch,
             "last_step": self._last_step,
-            "since_exact": self._since_exact,
         }
 
     @override
@@ -412,7 +414,6 @@ class _CheckpointAveraging(_base.SoupCallback):
         self._taken = int(state_dict.get("taken", len(self._records)))
         self._last_epoch = int(state_dict.get("last_epoch", -1))
         self._last_step = int(state_dict.get("last_step", 0))
-        self._since_exact = int(state_dict.get("since_exact", 0))
         self._checkpointed = [[r["file"] for r in self._records]]
         self._retained = []
 
@@ -448,8 +449,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         if snapshot_dir is not None:
             # What training changes, each storage once: a frozen base is never copied, tied weights are one entry.
             self._store = _SnapshotStore(snapshot_dir, self.snapshots, _tensors.kept_tensors(pl_module))
-            if self._records:
-                self._store.rebuild([r["file"] for r in self._records])
+            self._store.adopt([r["file"] for r in self._records])  # nothing to rebuild: means are read at the end
 
     @override
     def on_train_batch_end(
@@ -521,14 +521,13 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def _load_average_(self, pl_module: Any) -> None:
-        """Rank zero: put the exact mean of the window into the module; integer buffers from the newest snapshot."""
+        """Rank zero: put the window's weighted mean into the module; integer buffers from the newest snapshot."""
         assert self._store is not None
         store = self._store
-        # Recomputed from the snapshots, oldest first: no add/evict rounding is left in the result.
         store.flush()
-        store.rebuild([r["file"] for r in self._records])
         live = _tensors.module_tensors(pl_module)
-        store.mean_into_([live[k] for k in store.float_keys], len(self._records))
+        names = [r["file"] for r in self._records]
+        store.weighted_mean_into_([live[k] for k in store.float_keys], names, self._window_weights(len(names)))
         self._lora_error = self._lora_mean_into_(live)
         newest = store.load(self._records[-1]["file"])
         integer = {k: v for k, v in newest.items() if not v.is_floating_point()}
@@ -538,7 +537,7 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     def _lora_mean_into_(self, live: Mapping[str, Tensor]) -> float | None:
         """Overwrite the LoRA pairs of ``live`` (which got the mean of their factors) with the best rank-r pairs for
-        the window's mean ΔW = B·A, computed from the window's factors (tiny); their relative error, or None."""
+        the window's (weighted) mean ΔW = B·A, computed from the window's factors (tiny); their relative error, or None."""
         from lightning_soup.merge.lora import combine_into_, lora_keys
 
         assert self._store is not None
@@ -555,8 +554,8 @@ class _CheckpointAveraging(_base.SoupCallback):
                 store.flush()
                 with storage.open_state_dict(store.directory / record["file"]) as lazy:
                     window.append({k: lazy[k] for k in factor_keys})
-        n = len(window)
-        return combine_into_({k: live[k] for k in factor_keys}, window, [1.0 / n] * n).relative_error
+        weights = self._window_weights(len(window))
+        return combine_into_({k: live[k] for k in factor_keys}, window, weights).relative_error
 
     def _snapshot_dir(self, trainer: Any, pl_module: Any) -> Path:
         """``dirpath/snapshots`` (rank zero's) under DDP, ``dirpath/snapshots/rank{R}`` (this rank's shards) when sharded."""
@@ -572,14 +571,8 @@ class _CheckpointAveraging(_base.SoupCallback):
         evicted = self._records.pop(0)["file"] if len(self._records) == self.window else None
         self._records.append(record)
         self._taken += 1
-        exact = None
-        if evicted is not None:
-            self._since_exact += 1
-            if self._since_exact >= self.window:
-                self._since_exact = 0
-                exact = [r["file"] for r in self._records]
         if self._store is not None:
-            self._store.push(record["file"], _tensors.module_tensors(pl_module), evicted, exact, self._file_recipe(record))
+            self._store.push(record["file"], _tensors.module_tensors(pl_module), evicted, self._file_recipe(record))
             self._delete_unneeded(evicted)
         if self.validate_average:
             self._log_average_metrics(trainer, pl_module, on_epoch)
@@ -603,7 +596,11 @@ class _CheckpointAveraging(_base.SoupCallback):
         with _evaluate.preserved_weights(pl_module):
             if self._store is not None:
                 live = _tensors.module_tensors(pl_module)
-                self._store.mean_into_([live[k] for k in self._store.float_keys], len(self._records))
+                names = [r["file"] for r in self._records]
+                # The module holds the newest snapshot right now: only the older ones are read.
+                self._store.weighted_mean_into_(
+                    [live[k] for k in self._store.float_keys], names, self._window_weights(len(names)), newest_is_out=True
+                )
                 self._lora_mean_into_(live)
             _dist.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
             metrics = _evaluate.evaluate(trainer, pl_module)
@@ -617,6 +614,17 @@ class _CheckpointAveraging(_base.SoupCallback):
                 sync_dist=False,
                 add_dataloader_idx=False,  # `name` already carries the suffix when there are several dataloaders
             )
+
+    def _window_weights(self, count: int) -> list[float]:
+        """The weights of the window's ``count`` snapshots, oldest first (see :mod:`lightning_soup.merge._window`)."""
+        try:
+            return _window.window_weights(self.weights, count)
+        except SoupError as e:
+            # Only an explicit list can fail here: its newest `count` entries are all zero in a partial window.
+            if (count, "warned") not in self._warned:
+                self._warned.add((count, "warned"))
+                warnings.warn(f"CheckpointAveraging: {e} Using the uniform mean of the {count} snapshots.", stacklevel=2)
+            return _window.window_weights("uniform", count)
 
     def _file_recipe(self, record: Mapping[str, Any]) -> dict[str, Any]:
         return {"method": "snapshot", "epoch": record["epoch"], "global_step": record["step"]}
@@ -634,7 +642,11 @@ class _CheckpointAveraging(_base.SoupCallback):
             "every_n_train_steps": self.every_n_train_steps,
             "count": len(self._records),
             "snapshots_taken": self._taken,
-            "averaged": [{"epoch": r["epoch"], "global_step": r["step"]} for r in self._records],
+            "weights": self.weights,
+            "averaged": [
+                {"epoch": r["epoch"], "global_step": r["step"], "weight": c}
+                for r, c in zip(self._records, self._window_weights(len(self._records)))
+            ],
         }
 
     def _close_store(self, raise_errors: bool = True) -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 from lightning_soup.errors import SoupError
 from lightning_soup.merge._checks import check_real
 
-__all__ = ["accumulate_", "all_finite", "assign_", "assign_lerp_", "assign_mean_", "float32_copy", "layer_weights"]
+__all__ = ["accumulate_", "add_scaled_", "all_finite", "assign_", "assign_lerp_", "assign_mean_", "float32_copy", "layer_weights"]
 
 
 def _same_length(**lists: Sequence[Tensor] | None) -> None:
@@ -77,6 +77,22 @@ def accumulate_(sums: Sequence[Tensor], add: Sequence[Tensor], sub: Sequence[Ten
     torch._foreach_add_(list(sums), list(add))
     if sub is not None:
         torch._foreach_sub_(list(sums), list(sub))
+
+
+def add_scaled_(sums: Sequence[Tensor], add: Sequence[Tensor], weight: float) -> None:
+    """``sums += weight·add``, in place, in one ``_foreach_add_`` pass; `add` may have any floating dtype.
+
+    Example:
+        >>> import torch
+        >>> sums = [torch.ones(2)]
+        >>> add_scaled_(sums, [torch.tensor([2.0, 4.0], dtype=torch.bfloat16)], 0.25)
+        >>> sums
+        [tensor([1.5000, 2.0000])]
+    """
+    _same_length(sums=sums, add=add)
+    weight = check_real(weight, "weight")
+    if sums:
+        torch._foreach_add_(list(sums), list(add), alpha=weight)
 
 
 def assign_(out: Sequence[Tensor], src: Sequence[Tensor]) -> None:
