@@ -12,8 +12,11 @@ disk. At the end of fit (``on_train_end``, while the trainer's devices are still
 :func:`lightning_soup.merge.greedy_soup` over the ingredients, each read from disk exactly once, in score order;
 the known scores are passed in, so no single ingredient is validated again, and every candidate is scored by the
 user's own validation loop (:func:`~._evaluate.evaluate`), so a candidate's score is what ``trainer.validate``
-would report for it. The running sum and the candidates live in host memory (the accelerator holds only the module,
-whose optimizer state is still allocated at that point); each candidate is copied into the module to be scored.
+would report for it. Reading overlaps validating: when the soup reads an ingredient, a background thread starts
+reading the next one (in score order), so its read runs while the current candidate is validated (one more
+ingredient in memory). The running sum and the candidates are built on the module's CUDA device when it has room
+for them (five copies of the weights; else in host memory, as on a CPU device), so copying a candidate into the
+module is a device-to-device copy; under DDP, where ingredients arrive by broadcast, nothing is prefetched.
 
 With ``online=True`` the soup is built during training instead: each new ingredient is tried against the current
 soup right after its own validation (one extra validation pass per epoch, the raw training weights restored
@@ -45,6 +48,8 @@ buffers FSDP2 does not synchronise are rank zero's.
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -373,6 +378,18 @@ class _GreedySoup(_base.SoupCallback):
         owner = _dist.owns_state(trainer, pl_module)
         paths = [self._state_path(trainer, pl_module, e["file"]) if owner else None for e in kept]
         sources = [_Ingredient(path, trainer, pl_module) for path in paths]
+        # greedy_soup reads the ingredients best first (a stable sort of the finite scores); each one, when first
+        # read, starts reading the next in a background thread, so that read overlaps the candidate's validation.
+        scores = [e["score"] for e in kept]
+        order = sorted((i for i in range(len(kept)) if math.isfinite(scores[i])),
+                       key=lambda i: -scores[i] if self.mode == "max" else scores[i])
+        device = _candidate_device(pl_module, len(kept))
+        for i, j in zip(order, order[1:]):
+            sources[i].then = sources[j]
+        for source in sources:
+            source.device = device
+        if order:
+            sources[order[0]].prefetch()
 
         def score(candidate: Mapping[str, Tensor]) -> float:
             _tensors.load_into_module_(pl_module, candidate, partial=True)
@@ -380,7 +397,7 @@ class _GreedySoup(_base.SoupCallback):
             return float(trainer.strategy.broadcast(local, src=0))
 
         try:
-            soup, recipe = merge.greedy_soup(sources, score, mode=self.mode, scores=[e["score"] for e in kept])
+            soup, recipe = merge.greedy_soup(sources, score, mode=self.mode, scores=scores)
         finally:
             for source in sources:
                 source.close()
@@ -603,6 +620,24 @@ def _members(stored: Mapping[str, Tensor], count: int, factor_keys: list[str]) -
     return [{k: stored[f"{_MEMBER}{j}.{k}"] for k in factor_keys} for j in range(count)]
 
 
+# One background reader for every GreedySoup: reading the next ingredient overlaps validating the current candidate.
+_PREFETCH = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-ingredients")
+
+
+def _candidate_device(pl_module: Any, count: int) -> torch.device:
+    """Where to build the soup's running sum and candidates: on the module's CUDA device when it has room for them
+    (the float32 sum, the next sum, the soup, the candidate and the prefetched ingredient: five copies of the
+    weights, with a margin), else in host memory. A CPU module builds them in host memory either way."""
+    live = _tensors.kept_tensors(pl_module)
+    device = next((t.device for t in live.values() if t.is_floating_point()), torch.device("cpu"))
+    if device.type != "cuda" or count < 2:
+        return torch.device("cpu")
+    need = 6 * sum(t.numel() * 4 for t in live.values() if t.is_floating_point())
+    free, _total = torch.cuda.mem_get_info(device)
+    spare = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return device if free + spare >= need else torch.device("cpu")
+
+
 class _Ingredient(Mapping[str, Tensor]):
     """One ingredient as this rank needs it, tensor by tensor, in host memory.
 
@@ -614,6 +649,10 @@ class _Ingredient(Mapping[str, Tensor]):
 
     def __init__(self, path: Path | None, trainer: Any, pl_module: Any) -> None:
         self.path = path  # None on ranks that receive it
+        self.then: _Ingredient | None = None  # the ingredient the soup reads next: prefetched when this one is read
+        self.device = torch.device("cpu")  # where the soup builds its candidates (see _candidate_device)
+        self._fetched: concurrent.futures.Future[dict[str, Tensor]] | None = None
+        self._data: dict[str, Tensor] | None = None
         # Shapes/dtypes/devices of what the callback keeps; local shards when sharded.
         self._template = _tensors.kept_tensors(pl_module)
         distributed = (
@@ -624,7 +663,42 @@ class _Ingredient(Mapping[str, Tensor]):
         self._lazy: storage.LazyStateDict | None = None
         self._names: dict[str, str] = {}
 
+    def prefetch(self) -> None:
+        """Start reading every tensor (onto :attr:`device`) in a background thread. Not under DDP, where each
+        tensor comes through a broadcast that must stay in step with the other ranks' collectives."""
+        if self._broadcast or self._fetched is not None or self._data is not None:
+            return
+        self._fetched = _PREFETCH.submit(self._read_all)
+
+    def _read_all(self) -> dict[str, Tensor]:
+        out = {}
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            for key in self._template:
+                value = self._read(key)
+                out[key] = value.to(self.device, non_blocking=True) if value.is_floating_point() else value
+        if stream is not None:
+            # The soup uses these on the training stream: it waits for the uploads on the device, not the host.
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            for value in out.values():
+                if value.is_cuda:
+                    value.record_stream(torch.cuda.current_stream(self.device))
+        return out
+
+    def _all(self) -> dict[str, Tensor] | None:
+        if self._data is None and self._fetched is None:
+            self.prefetch()
+        if self._fetched is not None:
+            fetched, self._fetched = self._fetched, None
+            self._data = fetched.result()
+            if self.then is not None:
+                self.then.prefetch()
+        return self._data
+
     def __getitem__(self, key: str) -> Tensor:
+        data = self._all()
+        if data is not None:
+            return data[key]
         like = self._template[key]
         value = self._read(key) if self._reads else None
         if not self._broadcast:
@@ -660,6 +734,11 @@ class _Ingredient(Mapping[str, Tensor]):
         return {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in self._template.items()}
 
     def close(self) -> None:
+        fetched, self._fetched, self._data = self._fetched, None, None
+        if fetched is not None:
+            fetched.cancel()
+            with contextlib.suppress(Exception):
+                fetched.result()  # a read still running must finish before its file is closed
         if self._lazy is not None:
             self._lazy.close()
             self._lazy = None

@@ -1,0 +1,46 @@
+"""GreedySoup's end of fit reads each ingredient once, in the background, while the previous candidate validates."""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lightning_soup._storage import _format
+from tests.test_greedy_soup import assert_close_states, capture_class, make_model, mean64, trainer_kwargs
+
+
+def test_ingredients_are_read_once_by_the_background_reader(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pl = importlib.import_module("pytorch_lightning")
+    soup_module = importlib.import_module("lightning_soup")
+    reads: list[tuple[str, str]] = []  # (file name, thread name) per tensor read
+    real_read = _format.read_tensor
+
+    def spy(handle: Any, entry: Any, path: Path) -> torch.Tensor:
+        reads.append((Path(path).name, threading.current_thread().name))
+        return real_read(handle, entry, path)
+
+    monkeypatch.setattr(_format, "read_tensor", spy)
+    capture = capture_class(pl, "val/loss")()
+    soup = soup_module.GreedySoup(monitor="val/loss", mode="min", dirpath=str(tmp_path / "soup"), verbose=False)
+    model = make_model(pl)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=4), callbacks=[capture, soup])
+    trainer.fit(model)
+
+    ingredient_reads = [(name, thread) for name, thread in reads if name.startswith("epoch=")]
+    n_keys = len(model.state_dict())
+    files = {name for name, _ in ingredient_reads}
+    assert len(files) == 4
+    # Every tensor of every ingredient read exactly once, all by the background reader.
+    assert len(ingredient_reads) == 4 * n_keys
+    assert {thread.rsplit("_", 1)[0] for _, thread in ingredient_reads} == {"lightning_soup-ingredients"}
+    # The soup is still Wortsman's: its members' float64 mean.
+    accepted = {(r["epoch"], r["step"]) for r in soup.recipe["ingredients"] if r["accepted"]}
+    members = [s for s, step in zip(capture.states, capture.steps) if step in accepted]
+    floating = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    expected = mean64(members)
+    assert_close_states(floating, {k: expected[k] for k in floating})
