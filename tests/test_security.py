@@ -556,3 +556,55 @@ def test_callback_summary_tables_show_metric_names_and_paths_as_text() -> None:
     text = buffer.getvalue()
     assert text.count("val/acc[/][bold]") >= 3 and "runs/[/]base" in text and "[/] odd" in text, text
     assert "out[/]/average" in text
+
+
+def test_a_deeply_nested_recipe_is_a_soup_error(tmp_path: Path) -> None:
+    path = tmp_path / "r.safetensors"
+    save_file({"w": torch.ones(1)}, path, metadata={"lightning_soup": "[" * 50_000})
+    with pytest.raises(SoupError, match="metadata is not valid JSON"):
+        storage.read_recipe(path)
+
+
+@pytest.mark.parametrize("fmt", ["ckpt", "legacy-ckpt", "safetensors", "index"])
+def test_damaged_files_only_ever_raise_soup_errors(tmp_path: Path, fmt: str) -> None:
+    """Random byte damage (a bit-rotted or crafted file): opening and reading every tensor either works or raises
+    a SoupError; KeyError, IndexError, struct.error, BadZipFile and friends from the parsers never escape."""
+    import random
+    import warnings
+
+    state = {"a.w": torch.randn(3, 4), "a.b": torch.arange(5), "c": torch.tensor(2.0)}
+    folder = tmp_path / "model"
+    if fmt == "ckpt":
+        source = tmp_path / "x.ckpt"
+        torch.save({"state_dict": state, "epoch": 1}, source)
+    elif fmt == "legacy-ckpt":
+        source = tmp_path / "x.ckpt"
+        torch.save({"state_dict": state}, source, _use_new_zipfile_serialization=False)
+    elif fmt == "safetensors":
+        source = tmp_path / "x.safetensors"
+        save_file(state, source, metadata={"lightning_soup": '{"method": "m"}'})
+    else:
+        storage.save_state_dict(state, folder, shard_size=40)
+        source = folder / "model.safetensors.index.json"
+    original = source.read_bytes()
+    rng = random.Random(0)
+    escaped = []
+    for _ in range(120):
+        data = bytearray(original)
+        for _ in range(rng.choice([1, 2, 4, 8])):
+            data[rng.randrange(len(data))] = rng.choice([0, 255, ord("["), ord("9"), rng.randrange(256)])
+        if rng.random() < 0.1:
+            data = data[: rng.randrange(len(data))]
+        source.write_bytes(bytes(data))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with storage.open_state_dict(folder if fmt == "index" else source) as sd:
+                    for key in sd:
+                        sd[key]
+                    sd.recipe
+        except SoupError:
+            pass
+        except Exception as e:  # noqa: BLE001 - what the test looks for
+            escaped.append(f"{type(e).__name__}: {e}"[:120])
+    assert not escaped, escaped

@@ -131,7 +131,10 @@ def _torch_load(path: Path) -> Any:
     try:
         with open_regular(path) as f:  # a FIFO is refused here instead of blocking torch.load
             magic = f.read(4)
-            is_zip = zipfile.is_zipfile(f)
+            try:
+                is_zip = zipfile.is_zipfile(f)
+            except zipfile.BadZipFile:  # e.g. "zipfiles that span multiple disks are not supported"
+                is_zip = False
     except OSError as e:
         raise SoupError(f"Could not open {path}: {e.strerror or e}.") from e
     if not is_zip and not magic.startswith(b"\x80"):  # neither torch.save's zip format nor its legacy pickle
@@ -152,8 +155,11 @@ def _torch_load(path: Path) -> Any:
             "`torch.serialization.add_safe_globals([...])` before loading, or re-save just the weights: "
             "`torch.save({'state_dict': torch.load(path, weights_only=False)['state_dict']}, new_path)`."
         ) from e
-    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise SoupError(f"{path} is a damaged or truncated PyTorch checkpoint ({type(e).__name__}: {e}).") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in any way (KeyError, IndexError, struct.error, ...)
+        detail = _format._short(f"{type(e).__name__}: {e}")
+        raise SoupError(f"{path} is a damaged or truncated PyTorch checkpoint ({detail}).") from e
 
 
 _MAX_EXPANDED = 1 << 28  # 256 MiB
@@ -382,7 +388,7 @@ def decode_recipe(metadata: Mapping[str, str], path: Path) -> Any:
         return None
     try:
         return json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SoupError(f"{path}: its `{_format.RECIPE_KEY}` metadata is not valid JSON.") from None
 
 
