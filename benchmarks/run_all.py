@@ -30,13 +30,14 @@ QUICK_ARGS: dict[str, list[str]] = {
     "merge": ["--size-gb", "0.1", "--hidden", "512", "--repeats", "2"],
     "averaging": ["--quick"],
     "greedy_soup": ["--quick"],
+    "posthoc": ["--quick"],
     "cli_memory": ["--size-mb", "32"],
     "mergekit": ["--hidden", "256", "--layers", "2", "--vocab", "2000", "--repeat", "1"],
 }
 # Benchmarks whose ``--json`` is a flag that prints the figures on stdout instead of writing a file.
 JSON_ON_STDOUT = frozenset({"cli_memory", "mergekit"})
 # Timings are quoted with one intra-op thread where a benchmark supports it (steadier on shared machines).
-DEFAULT_ARGS: dict[str, list[str]] = {"averaging": ["--threads", "1"]}
+DEFAULT_ARGS: dict[str, list[str]] = {"averaging": ["--threads", "1"], "posthoc": ["--threads", "1"]}
 
 
 def _last_json(text: str) -> Any:
