@@ -31,6 +31,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "averaging": ["--quick"],
     "greedy_soup": ["--quick"],
     "posthoc": ["--quick"],
+    "lora": ["--quick"],
     "cli_memory": ["--size-mb", "32"],
     "mergekit": ["--hidden", "256", "--layers", "2", "--vocab", "2000", "--repeat", "1"],
 }
