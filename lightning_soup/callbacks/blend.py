@@ -266,6 +266,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         _base.save_final_weights(trainer, pl_module, dirpath)
         # What training changes, each storage once: tied weights move once, a frozen base not at all.
         keys, live = _tensors.floating_items(_tensors.kept_tensors(pl_module))
+        keys, live = self._in_anchor(trainer, keys, live)
         # Rank zero reads the file and sends each rank its part; the anchor keeps its own dtypes.
         anchor_state = _dist.read_local_shards(trainer, pl_module, self._anchor_path(), keys)
         anchor = [anchor_state.pop(k) for k in keys]
@@ -350,6 +351,26 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         trainer.strategy.barrier("lightning_soup.blend.end")
 
     # ------------------------------------------------------------------------------------------------- helpers
+
+    def _in_anchor(self, trainer: Any, keys: list[str], live: list[Tensor]) -> tuple[list[str], list[Tensor]]:
+        """The entries the anchor has. A parameter frozen when the ``"initial"`` anchor was written (e.g. a backbone
+        that ``BackboneFinetuning`` unfreezes later) is not in it: it keeps its trained value, with a warning."""
+        names = None
+        if trainer.is_global_zero:
+            with storage.open_state_dict(self._anchor_path()) as state:
+                names = {_tensors.canonical_key(k) for k in state}
+        names = trainer.strategy.broadcast(names)
+        absent = [k for k in keys if k not in names]
+        if not absent:
+            return keys, live
+        _dist.warn_on_rank_zero(
+            trainer,
+            f"{_NAME}: {len(absent)} trainable entries are not in the anchor {str(self._anchor_path())!r} (they were "
+            f"frozen when it was written, e.g. a backbone unfrozen during fit), so they keep their trained values: "
+            f"{absent[:5]}{' ...' if len(absent) > 5 else ''}. Pass a full weights file as `anchor` to blend them.",
+        )
+        kept = [(k, t) for k, t in zip(keys, live) if k in names]
+        return [k for k, _ in kept], [t for _, t in kept]
 
     def _output_dir(self) -> Path:
         assert self._dirpath is not None, "setup() runs before every other hook of fit"
