@@ -179,8 +179,10 @@ def _raw_safetensors(path: Path, header: bytes, data: bytes = b"") -> Path:
         (b'{"w":{"dtype":"F32","shape":[9223372036854775808,0],"data_offsets":[0,0]}}', b"", "malformed"),
         (b'{"w":{"dtype":"F32","shape":[4611686018427387904,4,0],"data_offsets":[0,0]}}', b"", "malformed"),
         (
-            b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
-            b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}',
+            (
+                b'{"w":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},'
+                b'"w":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}'
+            ),
             b"\0" * 8,
             "lists `w` twice",
         ),
@@ -368,7 +370,9 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("target", ["shard", "input-file", "input-folder", "symlink-target", "folder-holding-input"])
+@pytest.mark.parametrize(
+    "target", ["shard", "input-file", "input-folder", "symlink-target", "folder-holding-input", "same-file"]
+)
 def test_cli_never_writes_over_an_input_even_with_force(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], target: str
 ) -> None:
@@ -385,7 +389,10 @@ def test_cli_never_writes_over_an_input_even_with_force(
         "input-folder": (sharded, ["--shard-size", "1MB"]),
         "symlink-target": (blob.with_name("sha.safetensors"), []),
         "folder-holding-input": (sharded, ["--shard-size", "1MB"]),  # a previous output of ours, but read now
+        "same-file": (tmp_path / "also-a.safetensors", []),  # another name of one file (hard link, bind mount)
     }[target]
+    if target == "same-file":
+        os.link(a, output)
     if target == "folder-holding-input":
         inputs = [sharded / "model-00001-of-00002.safetensors", a]
     if target == "symlink-target":  # the blob itself, given under a .safetensors name
@@ -601,8 +608,8 @@ def test_damaged_files_only_ever_raise_soup_errors(tmp_path: Path, fmt: str) -> 
                 warnings.simplefilter("ignore")
                 with storage.open_state_dict(folder if fmt == "index" else source) as sd:
                     for key in sd:
-                        sd[key]
-                    sd.recipe
+                        _ = sd[key]
+                    _ = sd.recipe
         except SoupError:
             pass
         except Exception as e:  # noqa: BLE001 - what the test looks for

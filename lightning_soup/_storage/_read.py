@@ -157,7 +157,7 @@ def _torch_load(path: Path) -> Any:
         ) from e
     except MemoryError:
         raise
-    except Exception as e:  # noqa: BLE001 - a damaged pickle fails in any way (KeyError, IndexError, struct.error, ...)
+    except Exception as e:  # a damaged pickle fails in any way (KeyError, IndexError, struct.error, ...)
         detail = _format._short(f"{type(e).__name__}: {e}")
         raise SoupError(f"{path} is a damaged or truncated PyTorch checkpoint ({detail}).") from e
 

@@ -177,12 +177,20 @@ def check_output(output: Path, args: Namespace, inputs: Sequence[Input] = ()) ->
         given = Path(i.path).expanduser()
         for file in dict.fromkeys([given, *i.files]):
             source = file.resolve()
-            if source == target or target in source.parents:
+            if source == target or target in source.parents or _same_file(output, file):
                 what = "is" if file == given else f"would replace {file}, a file of"
                 raise SoupError(
                     f"-o {output} {what} the input {i.path}; an input is never overwritten, even with --force. "
                     "Choose another -o"
                 )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """One file under two names that resolve() cannot tell apart (a case-insensitive filesystem, a bind mount)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def check_compatible(inputs: Sequence[Input]) -> None:
