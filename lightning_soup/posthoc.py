@@ -310,6 +310,10 @@ def compose(
     if len(base_paths) > 1:
         problems.append(f"`base` must be one checkpoint, but {str(base)!r} matches {len(base_paths)}.")
     ft_paths = _expand(finetuned, "finetuned", problems)
+    if base_paths:
+        same = [str(p) for p in ft_paths if p.resolve() == base_paths[0].resolve()]
+        if same:
+            problems.append(f"`finetuned` lists the base itself ({same[0]!r}); give only the fine-tunes of `base`.")
     function = None
     if method not in COMPOSE_METHODS:
         problems.append(f"`method` must be one of {', '.join(map(repr, COMPOSE_METHODS))}, got {method!r}.")

@@ -242,6 +242,8 @@ def test_monitor_not_logged_fails_after_the_first_validation(sweep: dict[str, An
                                     monitor=LOSS0), "could not be parsed"),
         (lambda t, m, s: ls.compose(t, m, s["base_path"], s["cap_paths"], method="magic", monitor=LOSS0),
          "`method` must be"),
+        (lambda t, m, s: ls.compose(t, m, s["base_path"], [s["base_path"], s["cap_paths"][0]], monitor=LOSS0),
+         "the base itself"),
     ],
 )
 def test_bad_input_fails_before_any_validation(sweep: dict[str, Any], tmp_path: Path, call: Any, message: str,
@@ -250,6 +252,36 @@ def test_bad_input_fails_before_any_validation(sweep: dict[str, Any], tmp_path: 
     monkeypatch.setattr(trainer, "validate", lambda *a, **k: pytest.fail("validated before checking the input"))
     with pytest.raises(SoupError, match=message):
         call(trainer, make_model(pl, two_val_loaders=True), sweep)
+
+
+class _Recorder(pl.loggers.Logger):
+    """A logger that keeps what it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logged: list[dict[str, float]] = []
+
+    name, version = "recorder", 0
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        self.logged.append(dict(metrics))
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("log", [False, True])
+def test_loggers_untouched_unless_asked(sweep: dict[str, Any], tmp_path: Path, log: bool) -> None:
+    recorder = _Recorder()
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, logger=recorder))
+    result = ls.soup(trainer, make_model(pl, seed=3, two_val_loaders=True), [str(p) for p in sweep["paths"][:2]],
+                     monitor=LOSS0, mode="min", log=log)
+    assert trainer.loggers == [recorder]
+    if not log:
+        assert recorder.logged == []
+    else:
+        assert {f"soup/{LOSS0}": pytest.approx(result.metrics[LOSS0])}.items() <= recorder.logged[-1].items()
+        assert sum(1 for m in recorder.logged if LOSS0 in m) == 3  # 2 checkpoints and 1 candidate validated
 
 
 def test_constraint_on_a_metric_not_logged(sweep: dict[str, Any], tmp_path: Path) -> None:
