@@ -37,8 +37,10 @@ QUICK_ARGS: dict[str, list[str]] = {
 }
 # Benchmarks whose ``--json`` is a flag that prints the figures on stdout instead of writing a file.
 JSON_ON_STDOUT = frozenset({"cli_memory", "mergekit"})
-# Timings are quoted with one intra-op thread where a benchmark supports it (steadier on shared machines).
-DEFAULT_ARGS: dict[str, list[str]] = {"averaging": ["--threads", "1"], "posthoc": ["--threads", "1"]}
+# Extra arguments per benchmark for full runs: one intra-op thread where timings are steadier that way on shared
+# machines. (Not the averaging benchmark: it trains with torch's default threads, every core, so that its background
+# writer competes with training for the cores as it would for a user.)
+DEFAULT_ARGS: dict[str, list[str]] = {"posthoc": ["--threads", "1"]}
 
 
 def _last_json(text: str) -> Any:

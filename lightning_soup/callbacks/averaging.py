@@ -283,8 +283,9 @@ class _CheckpointAveraging(_base.SoupCallback):
     which replaces the epoch schedule — after every ``every_n_train_steps``-th optimizer step. Device memory holds
     nothing extra during training; the snapshots live in ``dirpath/snapshots/`` (or host RAM with
     ``snapshots="cpu"``). At the end of fit the average (floating tensors, including BatchNorm running statistics,
-    averaged with the window's ``weights``; integer buffers taken from the newest snapshot) is written to ``dirpath/average.safetensors``, with
-    its recipe in the metadata, and loaded into the module. The raw weights are kept in ``dirpath/final.safetensors``.
+    averaged with the window's ``weights``; integer buffers taken from the newest snapshot) is written to
+    ``dirpath/average.safetensors``, with its recipe in the metadata, and loaded into the module. The raw weights are
+    kept in ``dirpath/final.safetensors``.
 
     Args:
         window: how many of the latest snapshots to average.
@@ -598,9 +599,9 @@ class _CheckpointAveraging(_base.SoupCallback):
                 live = _tensors.module_tensors(pl_module)
                 names = [r["file"] for r in self._records]
                 # The module holds the newest snapshot right now: only the older ones are read.
-                self._store.weighted_mean_into_(
-                    [live[k] for k in self._store.float_keys], names, self._window_weights(len(names)), newest_is_out=True
-                )
+                weights = self._window_weights(len(names))
+                floats = [live[k] for k in self._store.float_keys]
+                self._store.weighted_mean_into_(floats, names, weights, newest_is_out=True)
                 self._lora_mean_into_(live)
             _dist.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
             metrics = _evaluate.evaluate(trainer, pl_module)
@@ -623,7 +624,8 @@ class _CheckpointAveraging(_base.SoupCallback):
             # Only an explicit list can fail here: its newest `count` entries are all zero in a partial window.
             if (count, "warned") not in self._warned:
                 self._warned.add((count, "warned"))
-                warnings.warn(f"CheckpointAveraging: {e} Using the uniform mean of the {count} snapshots.", stacklevel=2)
+                warnings.warn(f"CheckpointAveraging: {e} Using the uniform mean of the {count} snapshots.",
+                              stacklevel=2)
             return _window.window_weights("uniform", count)
 
     def _file_recipe(self, record: Mapping[str, Any]) -> dict[str, Any]:
