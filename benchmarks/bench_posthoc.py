@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in sorted({int(x) for x in args.ks.split(",")}):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "child.json"
-            argv_child = [a for a in (argv if argv is not None else sys.argv[1:])]
+            argv_child = list(argv if argv is not None else sys.argv[1:])
             argv_child = _without(argv_child, "--json") + ["--child", str(k), "--json", str(out)]
             proc = subprocess.run([sys.executable, __file__, *argv_child], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True)
@@ -147,8 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stderr.write(proc.stderr[-4000:])
                 return proc.returncode
             runs[str(k)] = json.loads(out.read_text())
-        print(f"K={k}: soup {runs[str(k)]['soup_s']:.2f} s, {2 * k - 1} validations {runs[str(k)]['validate_s']:.2f} s, "
-              f"ratio {runs[str(k)]['ratio']:.3f}, peak extra {runs[str(k)]['peak_extra_mb']:.1f} MB", flush=True)
+        r = runs[str(k)]
+        print(f"K={k}: soup {r['soup_s']:.2f} s, {2 * k - 1} validations {r['validate_s']:.2f} s, "
+              f"ratio {r['ratio']:.3f}, peak extra {r['peak_extra_mb']:.1f} MB", flush=True)
     ks = sorted(runs, key=int)
     result = {
         "config": {k: v for k, v in vars(args).items() if k not in ("json", "child")},

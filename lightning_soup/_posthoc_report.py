@@ -52,7 +52,8 @@ def soup_table(recipe: Mapping[str, Any]) -> Table:
     rows = list(recipe.get("checkpoints", []))
     monitor = recipe.get("monitor", "score")
     used = recipe.get("ingredients_used", sum(1 for r in rows if r.get("accepted")))
-    title = f"{recipe.get('method', 'soup')}: {used} of {len(rows)} checkpoints, {monitor} {_fmt(recipe.get('soup_score'))}"
+    score = _fmt(recipe.get("soup_score"))
+    title = f"{recipe.get('method', 'soup')}: {used} of {len(rows)} checkpoints, {monitor} {score}"
     if recipe.get("mode"):
         title += f" ({recipe['mode']})"
     table = Table(title=title)
@@ -94,8 +95,9 @@ def compose_table(recipe: Mapping[str, Any]) -> Table:
     Example:
         >>> recipe = {"method": "ties", "monitor": "val/acc", "constraint": ["val/a>=0.5"], "index": 1,
         ...           "references": [{"name": "base", "metrics": {"val/acc": 0.4, "val/a": 0.2}}],
-        ...           "candidates": [{"scales": 0.5, "metrics": {"val/acc": 0.8, "val/a": 0.4}, "meets_constraint": False},
-        ...                          {"scales": 1.0, "metrics": {"val/acc": 0.7, "val/a": 0.6}, "meets_constraint": True}]}
+        ...           "candidates": [
+        ...               {"scales": 0.5, "metrics": {"val/acc": 0.8, "val/a": 0.4}, "meets_constraint": False},
+        ...               {"scales": 1.0, "metrics": {"val/acc": 0.7, "val/a": 0.6}, "meets_constraint": True}]}
         >>> compose_table(recipe).row_count
         3
     """

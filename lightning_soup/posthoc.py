@@ -340,9 +340,9 @@ def compose(
         lora = bool(merge.lora_pairs(lazies[0].keys()))
         if lora and method != "task_arithmetic":
             raise SoupError(
-                f"These checkpoints hold LoRA factors, which compose merges on ΔW = B·A with `method='task_arithmetic'` "
-                f"only; got `method={method!r}`. Use task_arithmetic, or merge the adapters into dense weights first "
-                "(`lightning-soup ... --merge-into BASE`)."
+                "These checkpoints hold LoRA factors, which compose merges on ΔW = B·A with "
+                f"`method='task_arithmetic'` only; got `method={method!r}`. Use task_arithmetic, or merge the "
+                "adapters into dense weights first (`lightning-soup ... --merge-into BASE`)."
             )
         if lora:
             function = merge.lora_task_arithmetic
@@ -367,7 +367,9 @@ def compose(
             scores = [_score(r, monitor) for r in rows]
             values = [{b.metric: _score(r, b.metric) for b in bounds} for r in rows]
             index, met = choose(scores, values, mode, bounds)
-            _tensors.load_into_module_(model, _candidate(function, method, base_sd, fts, tvs, grid[index], density, seed))
+            chosen = _candidate(function, method, base_sd, fts, tvs, grid[index], density, seed)  # built again
+            _tensors.load_into_module_(model, chosen)
+            del chosen
             del base_sd, fts, tvs
         _dist.broadcast_module_(trainer, model)
     candidates = [
@@ -666,7 +668,9 @@ def _expand(spec: Any, argument: str, problems: list[str]) -> list[Path]:
     for p in paths:
         key = p.resolve()
         if key in seen:
-            problems.append(f"`{argument}` names {str(p)!r} twice (as {str(seen[key])!r} too); list each checkpoint once.")
+            problems.append(
+                f"`{argument}` names {str(p)!r} twice (as {str(seen[key])!r} too); list each checkpoint once."
+            )
         seen.setdefault(key, p)
     return paths
 
@@ -677,7 +681,8 @@ def _check_fits(model: Any, lazies: Sequence[storage.LazyStateDict], names: Sequ
     try:
         check_compatible([layout, *(_tensors.canonical(lz.meta()) for lz in lazies)], ["model.state_dict()", *names])
     except SoupError as e:
-        raise SoupError(f"{e}\nThe checkpoints must be keyed like `model.state_dict()` (fine-tunes of this model).") from None
+        hint = "The checkpoints must be keyed like `model.state_dict()` (fine-tunes of this model)."
+        raise SoupError(f"{e}\n{hint}") from None
 
 
 def _check_related(lazies: Sequence[Any], names: Sequence[str], base: Any = None) -> None:

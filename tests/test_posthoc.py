@@ -162,6 +162,45 @@ def test_uniform_soup_equals_reference(sweep: dict[str, Any], tmp_path: Path) ->
     assert result.metrics[LOSS0] == pytest.approx(ref.metrics(expected)[LOSS0], rel=1e-5)
 
 
+class _LoraTiny(pl.LightningModule):
+    """A frozen linear layer plus a LoRA pair ``q.lora_A``/``q.lora_B`` (rank 2); logs ``val/loss``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.base = torch.nn.Linear(8, 3)
+        self.q = torch.nn.Module()
+        self.q.lora_A = torch.nn.Linear(8, 2, bias=False)
+        self.q.lora_B = torch.nn.Linear(2, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.q.lora_B(self.q.lora_A(x))
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        x, y = batch
+        self.log("val/loss", torch.nn.functional.cross_entropy(self(x), y))
+
+    def val_dataloader(self) -> Any:
+        from _models import make_data
+
+        return torch.utils.data.DataLoader(make_data(32, seed=1), batch_size=16)
+
+
+def test_uniform_soup_of_lora_checkpoints_averages_delta_w(tmp_path: Path) -> None:
+    """Two runs with the same ΔW = B·A in different factors (A·2, B/2): the soup keeps ΔW, not the factors' mean."""
+    torch.manual_seed(0)
+    model = _LoraTiny()
+    one = _state(model)
+    two = {**one, "q.lora_A.weight": 2 * one["q.lora_A.weight"], "q.lora_B.weight": one["q.lora_B.weight"] / 2}
+    paths = [_save(one, tmp_path, "one", "safetensors"), _save(two, tmp_path, "two", "ckpt")]
+    result = ls.soup(_trainer(tmp_path), _LoraTiny(), [str(p) for p in paths], monitor="val/loss", mode="min",
+                     method="uniform")
+    written = load_file(result.path)
+    delta = (one["q.lora_B.weight"].double() @ one["q.lora_A.weight"].double())
+    torch.testing.assert_close((written["q.lora_B.weight"].double() @ written["q.lora_A.weight"].double()), delta,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(written["base.weight"], one["base.weight"])
+
+
 def test_each_checkpoint_read_at_most_twice(sweep: dict[str, Any], tmp_path: Path,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
     from lightning_soup._storage import _read
@@ -385,7 +424,7 @@ def test_compose_tuple_of_equal_scales_equals_the_shared_scale(sweep: dict[str, 
 
 @pytest.mark.parametrize("method", ["dare", "tsv", "iso_c", "iso_cts", "model_stock"])
 def test_compose_dispatches_every_method(sweep: dict[str, Any], tmp_path: Path, method: str) -> None:
-    """The other methods run through lightning_soup.merge by name; a tuple scales each τᵢ first, then alpha/scale 1."""
+    """The other methods run through lightning_soup.merge by name; a tuple scales each τᵢ first, then scale 1."""
     from lightning_soup import merge
 
     base, caps = sweep["base"], sweep["caps"]

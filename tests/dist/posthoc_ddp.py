@@ -52,8 +52,10 @@ def main() -> None:
     trainer = pl.Trainer(**trainer_kwargs(OUT, devices=2, strategy="ddp"))
     rank = trainer.global_rank
     result = soup(trainer, model, [str(p) for p in paths], monitor=LOSS0, mode="min", dirpath=str(SOUP_DIR))
-    save_file({k: v.detach().clone() for k, v in model.state_dict().items()}, str(OUT / f"module_rank{rank}.safetensors"))
-    composed = compose(trainer, model, str(sweep / "base.ckpt"), [str(sweep / "cap_a.safetensors"), str(sweep / "cap_b")],
+    module = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(module, str(OUT / f"module_rank{rank}.safetensors"))
+    caps = [str(sweep / "cap_a.safetensors"), str(sweep / "cap_b")]
+    composed = compose(trainer, model, str(sweep / "base.ckpt"), caps,
                        method="ties", scales=[0.3, 0.7, 1.0], density=0.3, monitor=LOSS0, mode="min",
                        constraint=f"{LOSS1}<=10", dirpath=str(SOUP_DIR))
     soup_commits = commits["n"]
