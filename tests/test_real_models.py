@@ -354,3 +354,30 @@ def test_frozen_parameters_are_not_kept_but_are_in_every_output(tmp_path: Path) 
         state = load_file(str(tmp_path / "soup" / f"{name}.safetensors"))
         assert set(state) == set(model.state_dict()), name
         assert torch.equal(state["net.0.weight"], frozen), name
+
+
+def test_resume_with_a_frozen_layer_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
+    """Trainable-only state resumes: the snapshots, ingredients and anchor named by a checkpoint are enough."""
+
+    def run(root: Path, max_epochs: int, ckpt_path: str | None = None) -> None:
+        torch.manual_seed(0)
+        model = Compiled(compiled=False)
+        model.net[0].requires_grad_(False)
+        callbacks = [CheckpointAveraging(window=2, verbose=False),
+                     GreedySoup(monitor="val/loss", mode="min", verbose=False),
+                     TaskArithmeticBlend(anchor="initial", ratio=0.5),
+                     pl.callbacks.ModelCheckpoint(dirpath=str(root / "ckpt"), save_top_k=-1)]
+        trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(root, max_epochs=max_epochs,
+                                                                   enable_checkpointing=True))
+        trainer.fit(model, ckpt_path=ckpt_path)
+
+    run(tmp_path / "full", 3)
+    run(tmp_path / "cut", 2)  # the "crash": stops after two epochs, with their checkpoints
+    first = sorted((tmp_path / "cut" / "ckpt").glob("epoch=1*.ckpt"))[0]
+    run(tmp_path / "cut", 3, ckpt_path=str(first))
+    for name in ("average", "soup", "blended"):
+        full = load_file(str(tmp_path / "full" / "soup" / f"{name}.safetensors"))
+        resumed = load_file(str(tmp_path / "cut" / "soup" / f"{name}.safetensors"))
+        assert set(full) == set(resumed)
+        for k in full:
+            assert torch.allclose(full[k].double(), resumed[k].double(), atol=1e-6), (name, k)
