@@ -306,9 +306,15 @@ def test_a_user_folder_named_like_a_temporary_is_never_deleted(tmp_path: Path) -
     assert (user / "precious.txt").read_text() == "keep me" and look_alike.exists()
 
 
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "link-mkdir-fallback"])
 @pytest.mark.parametrize("shard_size", [None, 100])
-def test_without_overwrite_an_output_created_meanwhile_is_never_replaced(tmp_path: Path, shard_size: Any) -> None:
-    """Two writers racing for one name without overwrite: the second to finish fails, the first's file stays."""
+def test_without_overwrite_an_output_created_meanwhile_is_never_replaced(
+    tmp_path: Path, shard_size: Any, renameat2: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers racing for one name without overwrite: the second to finish fails, the first's file stays.
+    The same with the portable fallback (hard link for a file, mkdir reservation for a folder)."""
+    if not renameat2:
+        monkeypatch.setattr(_atomic, "_renameat2", lambda: None)
     out = tmp_path / ("out.safetensors" if shard_size is None else "out")
     specs = {"w": (torch.float32, (3,))}
     writer = storage.SafetensorsWriter(out, specs, overwrite=False, shard_size=shard_size)
