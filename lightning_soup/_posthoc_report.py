@@ -1,7 +1,8 @@
 """Rendering for :func:`lightning_soup.soup` and :func:`lightning_soup.compose`: pure functions over their recipes.
 
 They return rich tables and matplotlib figures; the callers print or save them on rank zero, so rendering is
-testable without a ``Trainer``. matplotlib is optional: :func:`compose_figure` imports it lazily (ImportError
+testable without a ``Trainer``. Paths and metric names are user text: escaped before rich sees them, so a ``[/]``
+in a checkpoint path is shown, not parsed as markup. matplotlib is optional: :func:`compose_figure` imports it lazily (ImportError
 without it) and draws on the Agg canvas, never through ``pyplot``'s global state.
 """
 
@@ -11,6 +12,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from rich.markup import escape
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -26,7 +28,7 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}" if math.isfinite(value) else str(value)
     if isinstance(value, (list, tuple)):
         return "(" + ", ".join(_fmt(float(v)) for v in value) + ")"
-    return str(value)
+    return escape(str(value))
 
 
 def _num(value: Any) -> float:
@@ -50,12 +52,12 @@ def soup_table(recipe: Mapping[str, Any]) -> Table:
         (3, 'greedy_soup: 2 of 3 checkpoints, val/acc 0.9 (max)')
     """
     rows = list(recipe.get("checkpoints", []))
-    monitor = recipe.get("monitor", "score")
+    monitor = escape(str(recipe.get("monitor", "score")))
     used = recipe.get("ingredients_used", sum(1 for r in rows if r.get("accepted")))
     score = _fmt(recipe.get("soup_score"))
-    title = f"{recipe.get('method', 'soup')}: {used} of {len(rows)} checkpoints, {monitor} {score}"
+    title = f"{_fmt(recipe.get('method', 'soup'))}: {used} of {len(rows)} checkpoints, {monitor} {score}"
     if recipe.get("mode"):
-        title += f" ({recipe['mode']})"
+        title += f" ({_fmt(recipe['mode'])})"
     table = Table(title=title)
     table.add_column("#", justify="right")
     table.add_column("checkpoint", overflow="fold")
@@ -67,7 +69,7 @@ def soup_table(recipe: Mapping[str, Any]) -> Table:
             result = "[dim]skipped (non-finite score)[/]"
         else:
             result = "[green]accepted[/]" if row.get("accepted") else "[red]rejected[/]"
-        table.add_row(str(i + 1), str(row.get("path", "")), _fmt(row.get("score")), result,
+        table.add_row(str(i + 1), _fmt(row.get("path", "")), _fmt(row.get("score")), result,
                       _fmt(row.get("soup_score")), style="bold" if row.get("accepted") else None)
     return table
 
@@ -105,26 +107,26 @@ def compose_table(recipe: Mapping[str, Any]) -> Table:
     for row in [*recipe.get("references", []), *recipe.get("candidates", [])]:
         names += [n for n in row.get("metrics", {}) if n not in names]
     constraint = list(recipe.get("constraint", []))
-    caption = [f"ranked by {recipe.get('monitor')} ({recipe.get('mode', 'max')})"]
+    caption = [f"ranked by {_fmt(recipe.get('monitor'))} ({_fmt(recipe.get('mode', 'max'))})"]
     if constraint:
-        caption.append("subject to " + ", ".join(constraint))
+        caption.append("subject to " + ", ".join(_fmt(c) for c in constraint))
     if recipe.get("fallback"):
         caption.append("no candidate met the constraint: the closest was chosen")
-    table = Table(title=f"compose: {recipe.get('method')}", caption="; ".join(caption))
+    table = Table(title=f"compose: {_fmt(recipe.get('method'))}", caption="; ".join(caption))
     table.add_column("model")
     table.add_column("scales", justify="right")
     for name in names:
-        table.add_column(name, justify="right", style="bold" if name == recipe.get("monitor") else None)
+        table.add_column(_fmt(name), justify="right", style="bold" if name == recipe.get("monitor") else None)
     if constraint:
         table.add_column("constraint", justify="center")
     table.add_column("chosen", justify="center")
     for ref in recipe.get("references", []):
         metrics = ref.get("metrics", {})
-        table.add_row(f"[dim]{ref.get('name')}[/]", "—", *(_fmt(metrics.get(n)) for n in names),
+        table.add_row(f"[dim]{_fmt(ref.get('name'))}[/]", "—", *(_fmt(metrics.get(n)) for n in names),
                       *(["—"] if constraint else []), "")
     for i, cand in enumerate(recipe.get("candidates", [])):
         metrics = cand.get("metrics", {})
-        row = [str(cand.get("method", recipe.get("method"))), _fmt(cand.get("scales"))]
+        row = [_fmt(cand.get("method", recipe.get("method"))), _fmt(cand.get("scales"))]
         row += [_fmt(metrics.get(n)) for n in names]
         if constraint:
             met = cand.get("meets_constraint")

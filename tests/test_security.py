@@ -541,6 +541,7 @@ def test_callback_summary_tables_show_metric_names_and_paths_as_text() -> None:
 
     from rich.console import Console
 
+    from lightning_soup._posthoc_report import compose_table, soup_table
     from lightning_soup.callbacks._report import averaging_table, blend_table, greedy_soup_table
 
     name = "val/acc[/][bold]"
@@ -562,13 +563,41 @@ def test_callback_summary_tables_show_metric_names_and_paths_as_text() -> None:
         ),
         averaging_table({"window": 2, "averaged": [{"epoch": 1, "global_step": 2}]}, "out[/]/average.safetensors"),
     ]
+    tables += [
+        soup_table(
+            {
+                "method": "greedy_soup",
+                "monitor": name,
+                "checkpoints": [{"path": "sweep/[/]lr1e-5/last.ckpt", "score": 0.9, "accepted": True}],
+            }
+        ),
+        compose_table(
+            {
+                "method": "ties",
+                "monitor": name,
+                "constraint": [f"{name}>=0.5"],
+                "index": 0,
+                "references": [{"name": "base[/]", "metrics": {name: 0.4}}],
+                "candidates": [{"scales": 0.5, "metrics": {name: 0.8}, "meets_constraint": True}],
+            }
+        ),
+    ]
     buffer = io.StringIO()
     console = Console(file=buffer, width=300)
     for table in tables:
         console.print(table)
     text = buffer.getvalue()
-    assert text.count("val/acc[/][bold]") >= 3 and "runs/[/]base" in text and "[/] odd" in text, text
-    assert "out[/]/average" in text
+    assert text.count("val/acc[/][bold]") >= 5 and "runs/[/]base" in text and "[/] odd" in text, text
+    assert "out[/]/average" in text and "sweep/[/]lr1e-5" in text and "base[/]" in text
+
+
+def test_callback_messages_with_markup_in_paths_are_printed_as_text(capsys: pytest.CaptureFixture[str]) -> None:
+    from types import SimpleNamespace
+
+    from lightning_soup.callbacks._dist import print_on_rank_zero
+
+    print_on_rank_zero(SimpleNamespace(is_global_zero=True), "resumed from 'runs/[/]x/last.ckpt'")
+    assert "runs/[/]x/last.ckpt" in capsys.readouterr().out
 
 
 def test_a_deeply_nested_recipe_is_a_soup_error(tmp_path: Path) -> None:

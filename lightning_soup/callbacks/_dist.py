@@ -313,11 +313,13 @@ def raise_on_every_rank(trainer: Any, problem: str | None, error: BaseException 
 
 
 def print_on_rank_zero(trainer: Any, renderable: RenderableType) -> None:
-    """Print a rich renderable once, from global rank zero."""
+    """Print a rich renderable once, from global rank zero. A plain string is printed as text, not markup: messages
+    hold paths and metric names (a ``[/]`` in a checkpoint path must not raise rich's MarkupError)."""
     if trainer.is_global_zero:
         from rich.console import Console
+        from rich.text import Text
 
-        Console().print(renderable)
+        Console().print(Text(renderable) if isinstance(renderable, str) else renderable)
 
 
 def warn_on_rank_zero(trainer: Any, message: str) -> None:
