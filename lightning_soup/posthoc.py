@@ -14,7 +14,7 @@ evaluation path outside ``fit``), with the trainer's loggers detached unless ``l
 validation dataloader merged into one dict. Under DDP every rank validates every candidate and rank zero's metrics
 are broadcast right after each pass, so every decision is rank zero's; rank zero alone writes files. All maths is
 :mod:`lightning_soup.merge`; files are read through :mod:`lightning_soup.storage` (``.ckpt``, ``.safetensors``,
-sharded folders, mixed), lazily and on the module's device. Every argument and every input file is checked before
+sharded folders, mixed), lazily, onto the strategy's device, where the candidates are built. Every argument and every input file is checked before
 the first validation; an exception or KeyboardInterrupt during the candidates puts the module's original weights
 back.
 """
@@ -138,7 +138,7 @@ def soup(
         _check_fits(model, lazies, names)
         _check_related(lazies, names, base=None)
         validator = _Validator(trainer, model, datamodule, val_dataloaders, log, [monitor])
-        device = _device(model)
+        start, device = _device(model), _work_device(trainer, model)
         with _restored_on_error(model):
             own = []
             for lazy in lazies:  # first read of each checkpoint
@@ -149,6 +149,7 @@ def soup(
             else:
                 soup_metrics, rows = _uniform(model, validator, lazies, device, scores, own)
         _dist.broadcast_module_(trainer, model)
+        model.to(start)  # where trainer.validate leaves it, and where it was given
     soup_score = _score(soup_metrics, monitor)
     for row, name in ((r, names[r["index"]]) for r in rows):
         row["path"] = name
@@ -186,14 +187,13 @@ def _greedy(
     tried: list[dict[str, float]] = []
 
     def evaluate(candidate: dict[str, Tensor]) -> float:
-        _tensors.load_into_module_(model, candidate)
+        tried.append(_load_and_validate(model, candidate, validator))
         del candidate
-        tried.append(validator())
         return _score(tried[-1], monitor)
 
     # second read of each checkpoint (NaN-scored ones are never read again)
     result, steps = merge.greedy_soup([_OnDevice(lz, device) for lz in lazies], evaluate, mode=mode, scores=scores)
-    _tensors.load_into_module_(model, result)
+    _load_(model, result)
     del result
     last = max(j for j, s in enumerate(steps) if s["accepted"])
     metrics = own[steps[0]["index"]] if last == 0 else tried[last - 1]
@@ -216,9 +216,10 @@ def _uniform(
     if merge.lora_pairs(lazies[0].keys()):
         # LoRA factors are averaged on ΔW = B·A (every checkpoint in memory at once: adapters are small)
         result, _ = merge.lora_uniform_soup([_OnDevice(lz, device) for lz in lazies])
-        _tensors.load_into_module_(model, result)
+        _load_(model, result)
         del result
     else:
+        model.to(device)  # the mean is written straight into the module's tensors
         live = _tensors.unique_tensors(_tensors.module_tensors(model))  # tied weights written once
         keys = [k for k, v in live.items() if v.is_floating_point()]
         fixed = [k for k in live if k not in keys]
@@ -347,7 +348,7 @@ def compose(
         if lora:
             function = merge.lora_task_arithmetic
         _check_related(lazies[1:], names[1:], base=lazies[0])
-        device = _device(model)
+        start, device = _device(model), _work_device(trainer, model)
         validator = _Validator(trainer, model, datamodule, val_dataloaders, log, metric_names)
         with _restored_on_error(model):
             # each input read once, kept on the module's device for every candidate
@@ -368,10 +369,11 @@ def compose(
             values = [{b.metric: _score(r, b.metric) for b in bounds} for r in rows]
             index, met = choose(scores, values, mode, bounds)
             chosen = _candidate(function, method, base_sd, fts, tvs, grid[index], density, seed)  # built again
-            _tensors.load_into_module_(model, chosen)
+            _load_(model, chosen)
             del chosen
             del base_sd, fts, tvs
         _dist.broadcast_module_(trainer, model)
+        model.to(start)
     candidates = [
         {"method": method, "scales": _scale_json(s), "metrics": r, "score": scores[i],
          "meets_constraint": satisfies(bounds, values[i]) if bounds else None,
@@ -605,12 +607,14 @@ class _restored_on_error:
         self.model = model
 
     def __enter__(self) -> None:
+        self.device = _device(self.model)
         with torch.no_grad():
             self.backup = {k: v.detach().to("cpu", copy=True) for k, v in _tensors.module_tensors(self.model).items()}
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc_type is not None:
-            _tensors.load_into_module_(self.model, self.backup)
+            self.model.to(self.device)
+            _tensors.load_into_module_(self.model, {k: v.to(self.device) for k, v in self.backup.items()})
         del self.backup
 
 
@@ -711,8 +715,23 @@ def _read_all(lazy: storage.LazyStateDict, device: torch.device) -> dict[str, Te
     return {k: lazy[k].to(device) for k in lazy}
 
 
-def _load_and_validate(model: Any, state: Mapping[str, Tensor], validator: _Validator) -> dict[str, float]:
+def _work_device(trainer: Any, model: Any) -> torch.device:
+    """Where candidates are built: the strategy's device (``trainer.validate`` moves the module there, and back to
+    the CPU after every pass), else the module's."""
+    root = getattr(trainer.strategy, "root_device", None)
+    return torch.device(root) if root is not None else _device(model)
+
+
+def _load_(model: Any, state: Mapping[str, Tensor]) -> None:
+    """Copy `state` into the module, first moving the module to the device `state` lives on (no host round trip)."""
+    first = next(iter(state.values()), None)
+    if first is not None and _device(model) != first.device:
+        model.to(first.device)
     _tensors.load_into_module_(model, state)
+
+
+def _load_and_validate(model: Any, state: Mapping[str, Tensor], validator: _Validator) -> dict[str, float]:
+    _load_(model, state)
     return validator()
 
 
