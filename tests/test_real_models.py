@@ -306,7 +306,8 @@ def test_compiled_module_files_load_into_the_plain_model(tmp_path: Path) -> None
     torch.manual_seed(0)
     model = Compiled()
     assert any("_orig_mod" in k for k in model.state_dict())
-    callbacks = [CheckpointAveraging(window=2, verbose=False), GreedySoup(monitor="val/loss", mode="min", verbose=False),
+    callbacks = [CheckpointAveraging(window=2, verbose=False),
+                 GreedySoup(monitor="val/loss", mode="min", verbose=False),
                  TaskArithmeticBlend(anchor="initial", ratio=0.5)]
     fit(tmp_path, model, callbacks, max_epochs=2)
     plain = Compiled(compiled=False)
@@ -356,13 +357,16 @@ def test_frozen_parameters_are_not_kept_but_are_in_every_output(tmp_path: Path) 
         assert torch.equal(state["net.0.weight"], frozen), name
 
 
-def test_resume_with_a_frozen_layer_ends_like_an_uninterrupted_run(tmp_path: Path) -> None:
-    """Trainable-only state resumes: the snapshots, ingredients and anchor named by a checkpoint are enough."""
+@pytest.mark.parametrize("case", ["frozen_layer", "compiled_files_with_orig_mod"])
+def test_resume_ends_like_an_uninterrupted_run(tmp_path: Path, case: str) -> None:
+    """Trainable-only state resumes (the snapshots, ingredients and anchor named by a checkpoint are enough), and
+    so does state written with `_orig_mod.` keys (as older versions wrote it for compiled modules)."""
 
     def run(root: Path, max_epochs: int, ckpt_path: str | None = None) -> None:
         torch.manual_seed(0)
-        model = Compiled(compiled=False)
-        model.net[0].requires_grad_(False)
+        model = Compiled(compiled=case != "frozen_layer")
+        if case == "frozen_layer":
+            model.net[0].requires_grad_(False)
         callbacks = [CheckpointAveraging(window=2, verbose=False),
                      GreedySoup(monitor="val/loss", mode="min", verbose=False),
                      TaskArithmeticBlend(anchor="initial", ratio=0.5),
@@ -374,6 +378,14 @@ def test_resume_with_a_frozen_layer_ends_like_an_uninterrupted_run(tmp_path: Pat
     run(tmp_path / "full", 3)
     run(tmp_path / "cut", 2)  # the "crash": stops after two epochs, with their checkpoints
     first = sorted((tmp_path / "cut" / "ckpt").glob("epoch=1*.ckpt"))[0]
+    if case == "compiled_files_with_orig_mod":
+        from safetensors.torch import save_file
+
+        soup_dir = tmp_path / "cut" / "soup"
+        state_files = [*soup_dir.glob("*/*.safetensors"), soup_dir / "anchor.safetensors"]
+        assert len(state_files) >= 4
+        for path in state_files:
+            save_file({k.replace("net.", "net._orig_mod.", 1): v for k, v in load_file(str(path)).items()}, str(path))
     run(tmp_path / "cut", 3, ckpt_path=str(first))
     for name in ("average", "soup", "blended"):
         full = load_file(str(tmp_path / "full" / "soup" / f"{name}.safetensors"))

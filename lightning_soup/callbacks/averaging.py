@@ -200,8 +200,9 @@ class _SnapshotStore:
             return
         self.flush()
         with storage.open_state_dict(self.directory / name) as lazy:
+            names = {_tensors.canonical_key(k): k for k in lazy}  # older versions kept compiled modules' `_orig_mod.`
             for a, key in zip(acc, self.float_keys):
-                a.add_(lazy[key].to(a.device), alpha=weight)
+                a.add_(lazy[names[key]].to(a.device), alpha=weight)
 
     def load(self, name: str) -> dict[str, Tensor]:
         """All of snapshot ``name``'s tensors on the host, e.g. for its integer buffers."""
@@ -210,7 +211,7 @@ class _SnapshotStore:
             _wait(self._ready.get(name))
             return dict(zip(self.keys, self._ram[name]))
         self.flush()
-        return storage.load_state_dict(self.directory / name)
+        return dict(_tensors.canonical(storage.load_state_dict(self.directory / name)))
 
     # ---------------------------------------------------------------------------------------------------- storage
     def adopt(self, names: Sequence[str]) -> None:
@@ -538,7 +539,8 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     def _lora_mean_into_(self, live: Mapping[str, Tensor]) -> float | None:
         """Overwrite the LoRA pairs of ``live`` (which got the mean of their factors) with the best rank-r pairs for
-        the window's (weighted) mean ΔW = B·A, computed from the window's factors (tiny); their relative error, or None."""
+        the window's (weighted) mean ΔW = B·A, computed from the window's factors (tiny); their relative error, or
+        None."""
         from lightning_soup.merge.lora import combine_into_, lora_keys
 
         assert self._store is not None
@@ -554,7 +556,8 @@ class _CheckpointAveraging(_base.SoupCallback):
             else:
                 store.flush()
                 with storage.open_state_dict(store.directory / record["file"]) as lazy:
-                    window.append({k: lazy[k] for k in factor_keys})
+                    names = {_tensors.canonical_key(k): k for k in lazy}
+                    window.append({k: lazy[names[k]] for k in factor_keys})
         weights = self._window_weights(len(window))
         return combine_into_({k: live[k] for k in factor_keys}, window, weights).relative_error
 

@@ -528,7 +528,9 @@ def _floating_meta(pl_module: Any) -> dict[str, Tensor]:
     keep = _tensors.kept_keys(pl_module)
     state = _tensors.canonical(pl_module.state_dict())
     kept = _tensors.unique_tensors({k: v for k, v in state.items() if k in keep})
-    return {k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in kept.items() if v.is_floating_point()}
+    return {
+        k: torch.empty(tuple(v.shape), dtype=v.dtype, device="meta") for k, v in kept.items() if v.is_floating_point()
+    }
 
 
 def _anchor_problem(
