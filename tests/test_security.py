@@ -457,6 +457,8 @@ def test_cli_an_output_that_appears_while_writing_is_not_replaced_without_force(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors", "out.safetensors"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
 def test_cli_two_runs_writing_one_output_exactly_one_succeeds(tmp_path: Path) -> None:
     import subprocess
     import sys
