@@ -126,3 +126,13 @@ def test_layer_weights() -> None:
     assert layer_weights(keys, 0.5, {"head.*": 1.0, "*.bias": 0.0, "encoder.[0]*": 0.2}) == [0.2, 0.5, 1.0, 1.0, 0.0]
     with pytest.raises(SoupError, match="`ratio` must be a finite real number, got inf"):
         layer_weights(keys, float("inf"))
+
+
+def test_a_tied_tensor_listed_twice_is_updated_once() -> None:
+    # GPT-2's tied embedding: one tensor under `transformer.wte.weight` and `lm_head.weight`
+    tied, other = torch.tensor([2.0, 4.0]), torch.tensor([1.0])
+    assign_mean_([tied, other, tied], [torch.tensor([6.0, 12.0]), torch.tensor([3.0]), torch.tensor([6.0, 12.0])], 3)
+    assert tied.tolist() == [2.0, 4.0] and other.tolist() == [1.0]  # divided once, not twice
+    anchor = [torch.zeros(2), torch.zeros(1), torch.zeros(2)]
+    assign_lerp_([tied, other, tied], anchor, [tied, other, tied], 0.5)
+    assert tied.tolist() == [1.0, 2.0] and other.tolist() == [0.5]  # moved by 0.5, not 0.75

@@ -32,6 +32,19 @@ def _aliases(a: Tensor, b: Tensor) -> bool:
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
 
 
+def _once(out: Sequence[Tensor]) -> list[int]:
+    """Indices of `out` without the tensors listed again (tied weights under two keys): an in-place op that is not
+    idempotent (a mean, a lerp) must run once per storage, not once per key."""
+    seen: set[tuple[int, tuple[int, ...], tuple[int, ...]]] = set()
+    keep = []
+    for i, t in enumerate(out):
+        key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+        if t.data_ptr() == 0 or key not in seen:  # 0: empty or meta tensors, never shared storage we write twice
+            seen.add(key)
+            keep.append(i)
+    return keep
+
+
 def float32_copy(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Fresh float32 copies of `tensors` on their own devices, in one ``_foreach_copy_`` pass.
 
@@ -111,7 +124,8 @@ def assign_(out: Sequence[Tensor], src: Sequence[Tensor]) -> None:
 
 
 def assign_mean_(out: Sequence[Tensor], sums: Sequence[Tensor], count: int) -> None:
-    """``out = sums / count``, computed in `sums`' dtype and rounded once into `out`'s dtype.
+    """``out = sums / count``, computed in `sums`' dtype and rounded once into `out`'s dtype. A tensor that `out`
+    lists twice (tied weights) is written once.
 
     Args:
         out: tensors to overwrite (e.g. the module's parameters).
@@ -128,6 +142,9 @@ def assign_mean_(out: Sequence[Tensor], sums: Sequence[Tensor], count: int) -> N
     _same_length(out=out, sums=sums)
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise SoupError(f"`count` must be a positive int, got {count!r}.")
+    once = _once(out)
+    if len(once) < len(out):  # a tied tensor listed twice is written once (from its first entry)
+        out, sums = [out[i] for i in once], [sums[i] for i in once]
     same = [i for i, (o, s) in enumerate(zip(out, sums)) if o.dtype == s.dtype]
     if same:
         o_list = [out[i] for i in same]
@@ -145,7 +162,7 @@ def assign_lerp_(
     """``out = start + weight·(end − start)`` computed in float32 or better, written in `out`'s dtype.
 
     `out` may be the very tensors of `start` or of `end` (e.g. blend the module's weights in place toward or away
-    from an anchor); partial overlaps are not supported.
+    from an anchor); partial overlaps are not supported. A tensor that `out` lists twice (tied weights) moves once.
 
     Args:
         out: tensors to overwrite.
@@ -168,6 +185,9 @@ def assign_lerp_(
             raise SoupError(f"`weight` has {len(weights)} values for {n} tensors; give one number or one per tensor.")
     else:
         weights = [check_real(weight, "weight")] * n
+    once = _once(out)
+    if len(once) < n:  # a tied tensor listed twice moves once (with its first entry's weight)
+        out, start, end, weights = ([x[i] for i in once] for x in (out, start, end, weights))
 
     # groups for the fused paths: (kind) -> indices; kind says which operand `out` aliases
     fused: dict[str, list[int]] = {"start": [], "end": [], "none": []}
