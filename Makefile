@@ -22,7 +22,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow and not distributed"
 
 demo: $(STAMP)
-	$(PY) examples/forgetting_digits.py
+	$(PY) examples/compose_skills.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/run_all.py

@@ -279,3 +279,218 @@ def test_lightning_cli_config(tmp_path: Path, one_thread: None, monkeypatch: pyt
         assert torch.equal(value.cpu(), blended[key]), key
     report = json.loads((soup / "blend.json").read_text())
     assert report["candidates"][0]["metrics"]["val/old_acc"] > 0.8
+
+
+# ------------------------------------------------------------------------------------ compose_skills / sweep_soup
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def page_float64(x: torch.Tensor, offset: tuple[int, int]) -> torch.Tensor:
+    """8×8 digits → 16×16 pages (flattened, float64) with the digit's top-left corner at ``offset``, written by
+    index assignment (the examples pad)."""
+    pages = torch.zeros(len(x), 16, 16, dtype=torch.float64)
+    row, col = offset
+    pages[:, row : row + 8, col : col + 8] = x.double()
+    return pages.reshape(len(x), 256)
+
+
+def page_mlp_probs_float64(state: Mapping[str, torch.Tensor], pages: torch.Tensor) -> torch.Tensor:
+    """The examples' 256 → h → h → 10 ReLU MLP written out in float64, softmax over the logits."""
+    s = {k: v.double() for k, v in state.items()}
+    h = torch.relu(pages @ s["net.0.weight"].T + s["net.0.bias"])
+    h = torch.relu(h @ s["net.2.weight"].T + s["net.2.bias"])
+    return (h @ s["net.4.weight"].T + s["net.4.bias"]).softmax(1)
+
+
+def right_float64(states: list[Mapping[str, torch.Tensor]], x: torch.Tensor, y: torch.Tensor, offset: tuple[int, int]):
+    """Per image, whether the model (several: the mean of their softmax) is right, in float64."""
+    pages = page_float64(x, offset)
+    return torch.stack([page_mlp_probs_float64(s, pages) for s in states]).mean(0).argmax(1) == y
+
+
+OFFSETS = {"clean": (4, 4), "a": (2, 6), "b": (6, 2)}
+
+
+def readme_table(heading: str) -> list[list[str]]:
+    """The cells of the first Markdown table after the README line that starts with ``heading``."""
+    lines = README.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading))
+    table = []
+    for line in lines[start + 1 :]:
+        if line.startswith("|"):
+            table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif table:
+            break
+    assert len(table) > 2, f"no table after {heading!r} in README.md"
+    return [row for row in table[2:]]  # without the header and the |---| line
+
+
+@pytest.fixture(scope="module")
+def compose_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One full run of `make demo` (examples/compose_skills.py, default settings): its JSON, folder and module."""
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    out = tmp_path_factory.mktemp("compose_skills")
+    demo = load_example("compose_skills")
+    try:
+        result = demo.main(["--out", str(out)])
+    finally:  # the example sets one thread and deterministic kernels for the process
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+    rows = {r["approach"]: r for r in result["rows"]}
+    return {"out": out, "result": result, "rows": rows, "demo": demo, "splits": demo.load_digits_split(0)}
+
+
+@pytest.mark.slow
+def test_compose_readme_table_is_what_make_demo_prints(compose_run: dict[str, Any]) -> None:
+    """`make demo` on this checkout reproduces the README's table cell for cell (the run is deterministic)."""
+    printed = [[c.strip() for c in line.strip("|").split("|")] for line in compose_run["result"]["markdown"].splitlines()]
+    assert readme_table("## The demo") == printed[2:]
+
+
+@pytest.mark.slow
+def test_compose_numbers_are_recomputed_from_the_files(compose_run: dict[str, Any]) -> None:
+    """Every accuracy in the table is the test accuracy of its own weights, recomputed here in float64."""
+    out, rows, splits = compose_run["out"], compose_run["rows"], compose_run["splits"]
+    files = {
+        "base": ["base.safetensors"], "skill A": ["skill_a.safetensors"], "skill B": ["skill_b.safetensors"],
+        "sequential A→B": ["sequential/final.safetensors"], "sequential, blended": ["sequential/blended.safetensors"],
+        "ensemble A+B": ["skill_a.safetensors", "skill_b.safetensors"], "multi-task": ["multitask.safetensors"],
+        "task arithmetic": ["compose_task_arithmetic/merged.safetensors"], "TIES": ["compose_ties/merged.safetensors"],
+    }  # fmt: skip
+    assert set(files) <= set(rows)
+    x, y = splits["test"]
+    for name, paths in files.items():
+        states = [load_file(str(out / p)) for p in paths]
+        for domain, offset in OFFSETS.items():
+            expected = int(right_float64(states, x, y, offset).sum()) / len(y)
+            assert rows[name][f"{domain}_acc"] == pytest.approx(expected, abs=1e-12), (name, domain)
+        assert rows[name]["cost"] == len(paths)
+
+
+@pytest.mark.slow
+def test_compose_story_base_learns_and_each_fine_tune_learns_its_own_skill(compose_run: dict[str, Any]) -> None:
+    rows = compose_run["rows"]
+    assert rows["base"]["clean_acc"] >= 0.9  # the base learned its task before anything was merged
+    assert rows["base"]["a_acc"] < 0.3 and rows["base"]["b_acc"] < 0.3  # and is bad at both skills
+    assert rows["skill A"]["a_acc"] >= 0.9 and rows["skill A"]["b_acc"] < 0.3
+    assert rows["skill B"]["b_acc"] >= 0.9 and rows["skill B"]["a_acc"] < 0.3
+
+
+@pytest.mark.slow
+def test_compose_sequential_fine_tuning_forgets_skill_a(compose_run: dict[str, Any]) -> None:
+    """A then B loses at least 10 points of skill A, and the loss is significant on the paired test images."""
+    rows, out, splits = compose_run["rows"], compose_run["out"], compose_run["splits"]
+    assert rows["sequential A→B"]["b_acc"] >= 0.9  # it learned B...
+    assert rows["sequential A→B"]["a_acc"] <= rows["skill A"]["a_acc"] - 0.10  # ...and forgot A
+    x, y = splits["test"]
+    before = right_float64([load_file(str(out / "skill_a.safetensors"))], x, y, OFFSETS["a"])
+    after = right_float64([load_file(str(out / "sequential/final.safetensors"))], x, y, OFFSETS["a"])
+    lost, gained = int((before & ~after).sum()), int((~before & after).sum())
+    assert scipy_binom_p(gained, lost) < 1e-3 and lost > gained
+
+
+def scipy_binom_p(gained: int, lost: int) -> float:
+    from scipy.stats import binomtest
+
+    return binomtest(gained, gained + lost, 0.5).pvalue
+
+
+@pytest.mark.slow
+def test_compose_chosen_merge_satisfies_its_constraint_on_validation(compose_run: dict[str, Any]) -> None:
+    """Each compose picked the best mean among the candidates meeting the constraint, and the chosen weights
+    (recomputed here on the validation split) meet it; the best merge meets it and beats sequential on test."""
+    out, result, splits = compose_run["out"], compose_run["result"], compose_run["splits"]
+    floors = dict(part.strip().split(">=") for part in result["constraint"].split(","))
+    x, y = splits["val"]
+    met_any = False
+    for method in result["methods"]:
+        recipe = json.loads((out / f"compose_{method}" / "compose.json").read_text())
+        assert recipe["constraint"] == [f"{k}>={v}" for k, v in floors.items()]
+        meeting = [c for c in recipe["candidates"] if c["meets_constraint"]]
+        if not meeting:
+            assert recipe["constraint_met"] is False
+            continue
+        met_any = True
+        chosen = recipe["candidates"][recipe["index"]]
+        assert chosen["meets_constraint"] and chosen["score"] == max(c["score"] for c in meeting)
+        merged = load_file(str(out / f"compose_{method}" / "merged.safetensors"))
+        acc = {d: int(right_float64([merged], x, y, OFFSETS[d]).sum()) / len(y) for d in ("a", "b")}
+        for domain in ("a", "b"):
+            assert acc[domain] >= float(floors[f"val/{domain}_acc"]), (method, domain)
+            assert acc[domain] == pytest.approx(chosen["metrics"][f"val/{domain}_acc"], abs=1e-6)
+    assert met_any
+    rows = compose_run["rows"]
+    best = max((r for r in rows.values() if r["kind"] == "merge"), key=lambda r: r["val_mean_acc"])
+    assert "constraint NOT met" not in best["detail"]
+    assert best["mean_acc"] > rows["sequential A→B"]["mean_acc"]
+    assert best["vs_reference"]["verdict"] == "better"
+
+
+@pytest.mark.slow
+def test_compose_task_arithmetic_file_is_base_plus_scaled_task_vectors(compose_run: dict[str, Any]) -> None:
+    out = compose_run["out"]
+    recipe = json.loads((out / "compose_task_arithmetic" / "compose.json").read_text())
+    scales = recipe["scales"]
+    base, a, b = (load_file(str(out / f)) for f in ("base.safetensors", "skill_a.safetensors", "skill_b.safetensors"))
+    merged = load_file(str(out / "compose_task_arithmetic" / "merged.safetensors"))
+    for key, value in merged.items():
+        expected = base[key].double() + scales[0] * (a[key].double() - base[key].double()) + scales[1] * (
+            b[key].double() - base[key].double()
+        )
+        torch.testing.assert_close(value.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_skills_pages_and_mcnemar() -> None:
+    """The digit lands where its domain says; the McNemar p-value is the exact binomial test on discordant pairs."""
+    skills = load_example("_skills")
+    x = torch.rand(3, 8, 8)
+    for domain, offset in OFFSETS.items():
+        assert torch.equal(skills.place(x, domain).double(), page_float64(x, offset))
+    for gained, lost in ((0, 0), (3, 0), (5, 1), (40, 22), (0, 9)):
+        n = gained + lost
+        probability = [math.comb(n, i) / 2**n for i in range(n + 1)]
+        k = min(gained, lost)
+        expected = min(1.0, math.fsum(p for p in probability if p <= probability[k] * (1 + 1e-12))) if n else 1.0
+        assert skills.mcnemar_p(gained, lost) == pytest.approx(expected, rel=1e-9)
+
+
+def test_compose_pareto_front() -> None:
+    demo = load_example("compose_skills")
+    points = [(0.9, 0.1), (0.1, 0.9), (0.5, 0.5), (0.4, 0.4), (0.9, 0.1), (0.6, 0.6)]
+    assert demo.pareto(points) == [1, 5, 0, 4]  # (0.4, 0.4) and (0.5, 0.5) are beaten by (0.6, 0.6); ties kept
+
+
+@pytest.fixture(scope="module")
+def sweep_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    out = tmp_path_factory.mktemp("sweep_soup")
+    sweep = load_example("sweep_soup")
+    try:
+        result = sweep.main(["--out", str(out)])
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+    return {"out": out, "result": result, "rows": {r["approach"]: r for r in result["rows"]}, "sweep": sweep}
+
+
+@pytest.mark.slow
+def test_sweep_greedy_soup_is_never_worse_than_the_best_single_on_validation(sweep_run: dict[str, Any]) -> None:
+    """The greedy soup's file is the mean of the runs it accepted, and its validation accuracy (recomputed here
+    in float64) is at least the best single run's; the README's sweep table is what the example prints."""
+    out, result = sweep_run["out"], sweep_run["result"]
+    assert len(result["val_scores"]) >= 8
+    splits = load_example("_skills").load_digits_split(0)
+    x, y = splits["val"]
+    recipe = json.loads((out / "greedy" / "soup.json").read_text())
+    accepted = [load_file(c["path"]) for c in recipe["checkpoints"] if c["accepted"]]
+    soup = load_file(str(out / "greedy" / "soup.safetensors"))
+    for key, value in soup.items():
+        expected = torch.stack([s[key].double() for s in accepted]).mean(0)
+        torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=1e-6)
+    best = load_file(str(out / "sweep" / f"{result['best']}.safetensors"))
+    soup_acc = int(right_float64([soup], x, y, OFFSETS["a"]).sum()) / len(y)
+    best_acc = int(right_float64([best], x, y, OFFSETS["a"]).sum()) / len(y)
+    assert soup_acc >= best_acc
+    assert max(result["val_scores"].values()) == pytest.approx(best_acc, abs=1e-6)  # the reference is the best
+    printed = [[c.strip() for c in line.strip("|").split("|")] for line in result["markdown"].splitlines()]
+    assert readme_table("### A hyperparameter sweep") == printed[2:]
