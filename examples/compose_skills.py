@@ -12,9 +12,11 @@ distribution the base is bad at). Then, one row per approach:
   under "keep 90% of skill A", WiSE-FT style;
 * the output ensemble of both fine-tunes: both skills, at twice the inference cost (measured);
 * multi-task training on A and B together: the upper bound, which needs all the data in one run;
-* ``lightning_soup.compose`` with task arithmetic, TIES and the best merge available (TSV, Iso-CTS): one model,
-  the merge coefficient chosen on validation as the best mean skill accuracy among the candidates that keep each
-  skill at ≥ 90% of its own fine-tune's validation accuracy.
+* ``lightning_soup.compose`` with task arithmetic, TIES and the newest method available (Iso-CTS): one
+  model, the coefficients (λ_A, λ_B) chosen on validation as the best mean skill accuracy among the candidates that
+  keep each skill at ≥ 90% of its own fine-tune's validation accuracy;
+* the best of those merges blended back toward the base (``merge.interpolate``), the ratio chosen on validation
+  to keep ≥ 80% of the base's own task: what the base knew, bought back at a price in both skills.
 
 Every choice (coefficients, blend ratio, the reference model) uses the validation split; the table reports the
 held-out test split, computed here from the written weights, and compares every row with the strongest single
@@ -74,8 +76,9 @@ SCALES = [(la, lb) for la in (0.5, 0.7, 1.0, 1.3) for lb in (0.5, 0.7, 1.0, 1.3)
 KEEP = 0.9  # each skill must keep this fraction of its own fine-tune's validation accuracy
 SKILL_FLOOR = 0.9  # each fine-tune must reach this on its own skill's test split
 SIGNIFICANCE = 0.05
-# The best merge first: the state of the art where this version of lightning_soup has it.
-BEST_METHODS = ("iso_cts", "tsv")
+# The newest method, where this version of lightning_soup has it (Iso-CTS: best of its paper's comparison).
+NEW_METHODS = ("iso_cts",)
+KEEP_BASE = 0.8  # the blend toward the base keeps this fraction of the base's centred validation accuracy
 METHOD_NAMES = {"task_arithmetic": "task arithmetic", "ties": "TIES", "tsv": "TSV", "iso_cts": "Iso-CTS",
                 "iso_c": "Iso-C", "dare": "DARE", "model_stock": "Model Stock"}  # fmt: skip
 # Single models trained without this library: the candidates for the significance reference.
@@ -95,11 +98,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def merge_methods() -> list[str]:
-    """Task arithmetic, TIES, and the best method this lightning_soup has."""
+    """Task arithmetic, TIES, and the newest method this lightning_soup has (Iso-CTS)."""
     from lightning_soup import merge
 
-    best = [m for m in BEST_METHODS if hasattr(merge, {"tsv": "tsv_merge"}.get(m, m))][:1]
-    return ["task_arithmetic", "ties", *best]
+    return ["task_arithmetic", "ties", *(m for m in NEW_METHODS if hasattr(merge, {"tsv": "tsv_merge"}.get(m, m)))]
 
 
 def scales_text(scales: float | Sequence[float]) -> str:
@@ -140,6 +142,26 @@ def run_compose(
         val_dataloaders=val_loaders(splits["val"], DOMAINS), dirpath=str(out / f"compose_{method}"),
     )  # fmt: skip
     return dict(result.recipe)
+
+
+def blend_toward_base(
+    base: Mapping[str, Tensor], merged: Mapping[str, Tensor], floor: float, splits: Mapping[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, Any]:  # fmt: skip
+    """``base + r·(merged − base)`` (``merge.interpolate``) with the ratio ``r`` of the best validation mean skill
+    accuracy among those that keep the base task (centred digits) at ``floor`` or above (when none does, the one
+    with the best centred accuracy)."""
+    from lightning_soup.merge import interpolate
+
+    tried = []
+    for ratio in BLEND_RATIOS:
+        weights = interpolate(base, merged, ratio)
+        right = hits([weights], splits["val"], DOMAINS, args.hidden)
+        mean = (accuracy(right["a"]) + accuracy(right["b"])) / 2
+        tried.append({"ratio": ratio, "weights": weights, "clean": accuracy(right["clean"]), "mean": mean})
+    meeting = [t for t in tried if t["clean"] >= floor]
+    chosen = max(meeting, key=lambda t: t["mean"]) if meeting else max(tried, key=lambda t: t["clean"])
+    return {**chosen, "met": bool(meeting)}
 
 
 # ------------------------------------------------------------------------------------------------------------ table
@@ -206,8 +228,7 @@ def plot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
         for n, (r, (x, y)) in enumerate(zip(rows, points)):
             marker, color = styles[r["kind"]]
             label = r["approach"] + (f" (×{r['cost']:g} inference)" if r["cost"] != 1 else "")
-            ax.scatter([x], [y], marker=marker, color=color, s=200 if r["kind"] == "multitask" else 70, zorder=2,
-                       label=label if zoom else None)  # fmt: skip
+            ax.scatter([x], [y], marker=marker, color=color, s=200 if r["kind"] == "multitask" else 70, zorder=2)
             if not zoom or (x >= low and y >= low):
                 ax.annotate(label, (x, y), textcoords="offset points", fontsize=8,
                             xytext=(7, 5 if n % 2 else -11))  # fmt: skip
@@ -284,6 +305,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         recipes[method] = run_compose(out, method, constraint, splits, args)
         models[METHOD_NAMES[method]] = [load_file(str(out / f"compose_{method}" / "merged.safetensors"))]
 
+    # 6. The alignment tax: blend the best merge (on validation) back toward the base until it keeps the base task.
+    merged_val = {METHOD_NAMES[m]: hits(models[METHOD_NAMES[m]], splits["val"], DOMAINS, args.hidden) for m in methods}
+    best_name = max(merged_val, key=lambda n: (accuracy(merged_val[n]["a"]) + accuracy(merged_val[n]["b"])) / 2)
+    base_floor = floor3(KEEP_BASE * accuracy(val_hits["base"]["clean"]))
+    toward_base = blend_toward_base(base, models[best_name][0], base_floor, splits, args)
+    models[f"{best_name}, blended toward base"] = [toward_base["weights"]]
+    save_file(toward_base["weights"], str(out / "merge_toward_base.safetensors"))
+
     # The table: test accuracy of every approach, computed here from the weights.
     test_hits = {name: hits(m, splits["test"], DOMAINS, args.hidden) for name, m in models.items()}
     val_hits.update({n: hits(m, splits["val"], DOMAINS, args.hidden) for n, m in models.items() if n not in val_hits})
@@ -303,8 +332,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         extra = ", density 0.2" if method == "ties" else ""
         met = "" if recipe["constraint_met"] is not False else ", constraint NOT met"
         details[METHOD_NAMES[method]] = f"compose, λ={scales_text(recipe['scales'])}{extra}{met}"
+    details[f"{best_name}, blended toward base"] = (
+        f"base + {toward_base['ratio']:g}·({best_name} − base), merge.interpolate, val/clean_acc>={base_floor:g}"
+        + ("" if toward_base["met"] else ", constraint NOT met")
+    )
     kinds = {"ensemble A+B": "ensemble", "multi-task": "multitask", "sequential, blended": "blend",
+             f"{best_name}, blended toward base": "blend",
              **{METHOD_NAMES[m]: "merge" for m in methods}}  # fmt: skip
+    files = {
+        "base": ["base.safetensors"], "skill A": ["skill_a.safetensors"], "skill B": ["skill_b.safetensors"],
+        "sequential A→B": ["sequential/final.safetensors"], "sequential, blended": ["sequential/blended.safetensors"],
+        "ensemble A+B": ["skill_a.safetensors", "skill_b.safetensors"], "multi-task": ["multitask.safetensors"],
+        **{METHOD_NAMES[m]: [f"compose_{m}/merged.safetensors"] for m in methods},
+        f"{best_name}, blended toward base": ["merge_toward_base.safetensors"],
+    }  # fmt: skip
     rows = []
     for name, h in test_hits.items():
         cell, stats = versus(h, test_hits[reference], name == reference)
@@ -312,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "approach": name, "detail": details[name], "kind": kinds.get(name, "single"),
             "clean_acc": accuracy(h["clean"]), "a_acc": accuracy(h["a"]), "b_acc": accuracy(h["b"]),
             "mean_acc": (accuracy(h["a"]) + accuracy(h["b"])) / 2, "val_mean_acc": val_mean[name],
-            "cost": len(models[name]), "versus": cell, **({"vs_reference": stats} if stats else {}),
+            "cost": len(models[name]), "versus": cell, "files": files[name], **({"vs_reference": stats} if stats else {}),
         })  # fmt: skip
 
     # Inference cost of the ensemble, measured: weights held and forward time, against one model.
@@ -329,12 +370,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     best_merge = max((r for r in rows if r["kind"] == "merge"), key=lambda r: r["val_mean_acc"])
     seq, ref_row = next(r for r in rows if r["approach"] == "sequential A→B"), rows[PLAIN.index(reference)]
     a_model = next(r for r in rows if r["approach"] == "skill A")
+    toward = next(r for r in rows if r["approach"].endswith("blended toward base"))
     lines = [
         f"sequential fine-tuning forgets skill A: {a_model['a_acc']:.3f} → {seq['a_acc']:.3f} on its test images",
         f"the ensemble holds {cost['memory_ratio']:.2f}× the weights and takes {cost['time_ratio']:.2f}× the "
         "forward time of one model (measured now; the time varies with the machine)",
         f"best merge on validation: {best_merge['approach']} ({best_merge['detail']}): mean {best_merge['mean_acc']:.3f} "
         f"on test vs {ref_row['mean_acc']:.3f} for {reference}, one model at ×1 cost",
+        f"blending it toward the base buys back the base task (centred {toward['clean_acc']:.3f} vs "
+        f"{best_merge['clean_acc']:.3f}) at a cost in both skills (mean {toward['mean_acc']:.3f})",
     ]  # fmt: skip
     for line in lines:
         console.print(f"  • {line}")
@@ -343,7 +387,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = {
         "command": " ".join(["python", "examples/compose_skills.py", *(sys.argv[1:] if argv is None else argv)]),
         "seed": args.seed, "n_test": n_test, "constraint": constraint, "reference": reference,
-        "methods": methods, "rows": rows, "inference_cost": cost, "notes": lines, "wall_s": round(wall, 1),
+        "methods": methods, "rows": rows,
+        "toward_base": {"from": best_name, "ratio": toward_base["ratio"], "floor": base_floor, "met": toward_base["met"]}, "inference_cost": cost, "notes": lines, "wall_s": round(wall, 1),
         "markdown": markdown(rows, reference),
     }  # fmt: skip
     (out / "table.md").write_text(result["markdown"])

@@ -351,20 +351,17 @@ def test_compose_readme_table_is_what_make_demo_prints(compose_run: dict[str, An
 def test_compose_numbers_are_recomputed_from_the_files(compose_run: dict[str, Any]) -> None:
     """Every accuracy in the table is the test accuracy of its own weights, recomputed here in float64."""
     out, rows, splits = compose_run["out"], compose_run["rows"], compose_run["splits"]
-    files = {
-        "base": ["base.safetensors"], "skill A": ["skill_a.safetensors"], "skill B": ["skill_b.safetensors"],
-        "sequential A→B": ["sequential/final.safetensors"], "sequential, blended": ["sequential/blended.safetensors"],
-        "ensemble A+B": ["skill_a.safetensors", "skill_b.safetensors"], "multi-task": ["multitask.safetensors"],
-        "task arithmetic": ["compose_task_arithmetic/merged.safetensors"], "TIES": ["compose_ties/merged.safetensors"],
-    }  # fmt: skip
-    assert set(files) <= set(rows)
+    names = ["base", "skill A", "skill B", "sequential A→B", "sequential, blended", "ensemble A+B", "multi-task",
+             "task arithmetic", "TIES"]  # fmt: skip
+    assert list(rows)[: len(names)] == names and list(rows)[-1].endswith(", blended toward base")
     x, y = splits["test"]
-    for name, paths in files.items():
+    for name, row in rows.items():
+        paths = row["files"]
         states = [load_file(str(out / p)) for p in paths]
         for domain, offset in OFFSETS.items():
             expected = int(right_float64(states, x, y, offset).sum()) / len(y)
-            assert rows[name][f"{domain}_acc"] == pytest.approx(expected, abs=1e-12), (name, domain)
-        assert rows[name]["cost"] == len(paths)
+            assert row[f"{domain}_acc"] == pytest.approx(expected, abs=1e-12), (name, domain)
+        assert row["cost"] == len(paths)
 
 
 @pytest.mark.slow
@@ -419,6 +416,15 @@ def test_compose_chosen_merge_satisfies_its_constraint_on_validation(compose_run
             assert acc[domain] >= float(floors[f"val/{domain}_acc"]), (method, domain)
             assert acc[domain] == pytest.approx(chosen["metrics"][f"val/{domain}_acc"], abs=1e-6)
     assert met_any
+    # The blend toward the base keeps the base task on validation, and is base + r·(merge − base).
+    toward = result["toward_base"]
+    blended = load_file(str(out / "merge_toward_base.safetensors"))
+    assert toward["met"] and int(right_float64([blended], x, y, OFFSETS["clean"]).sum()) / len(y) >= toward["floor"]
+    source = compose_run["rows"][toward["from"]]["files"][0]
+    base, merged = load_file(str(out / "base.safetensors")), load_file(str(out / source))
+    for key, value in blended.items():
+        expected = base[key].double() + toward["ratio"] * (merged[key].double() - base[key].double())
+        torch.testing.assert_close(value.double(), expected, atol=1e-6, rtol=1e-6)
     rows = compose_run["rows"]
     best = max((r for r in rows.values() if r["kind"] == "merge"), key=lambda r: r["val_mean_acc"])
     assert "constraint NOT met" not in best["detail"]
