@@ -23,7 +23,6 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import pytorch_lightning as pl
 import torch

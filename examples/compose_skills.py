@@ -182,7 +182,8 @@ def render(rows: Sequence[Mapping[str, Any]], reference: str, n_test: int) -> Ta
 def markdown(rows: Sequence[Mapping[str, Any]], reference: str) -> str:
     """The table as Markdown, for the README (the test compares the README with these numbers)."""
     lines = [
-        f"| approach | weights | centred (base task) | skill A | skill B | mean A, B | inference cost | vs {reference} |",
+        "| approach | weights | centred (base task) | skill A | skill B | mean A, B | inference cost | "
+        f"vs {reference} |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -353,7 +354,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "approach": name, "detail": details[name], "kind": kinds.get(name, "single"),
             "clean_acc": accuracy(h["clean"]), "a_acc": accuracy(h["a"]), "b_acc": accuracy(h["b"]),
             "mean_acc": (accuracy(h["a"]) + accuracy(h["b"])) / 2, "val_mean_acc": val_mean[name],
-            "cost": len(models[name]), "versus": cell, "files": files[name], **({"vs_reference": stats} if stats else {}),
+            "cost": len(models[name]), "versus": cell, "files": files[name],
+            **({"vs_reference": stats} if stats else {}),
         })  # fmt: skip
 
     # Inference cost of the ensemble, measured: weights held and forward time, against one model.
@@ -368,14 +370,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     console.print()
     console.print(render(rows, reference, n_test))
     best_merge = max((r for r in rows if r["kind"] == "merge"), key=lambda r: r["val_mean_acc"])
-    seq, ref_row = next(r for r in rows if r["approach"] == "sequential A→B"), rows[PLAIN.index(reference)]
-    a_model = next(r for r in rows if r["approach"] == "skill A")
-    toward = next(r for r in rows if r["approach"].endswith("blended toward base"))
+    by_name = {r["approach"]: r for r in rows}
+    seq, ref_row, a_model = by_name["sequential A→B"], by_name[reference], by_name["skill A"]
+    toward = by_name[f"{best_name}, blended toward base"]
     lines = [
         f"sequential fine-tuning forgets skill A: {a_model['a_acc']:.3f} → {seq['a_acc']:.3f} on its test images",
         f"the ensemble holds {cost['memory_ratio']:.2f}× the weights and takes {cost['time_ratio']:.2f}× the "
         "forward time of one model (measured now; the time varies with the machine)",
-        f"best merge on validation: {best_merge['approach']} ({best_merge['detail']}): mean {best_merge['mean_acc']:.3f} "
+        f"best merge on validation: {best_merge['approach']} ({best_merge['detail']}): "
+        f"mean {best_merge['mean_acc']:.3f} "
         f"on test vs {ref_row['mean_acc']:.3f} for {reference}, one model at ×1 cost",
         f"blending it toward the base buys back the base task (centred {toward['clean_acc']:.3f} vs "
         f"{best_merge['clean_acc']:.3f}) at a cost in both skills (mean {toward['mean_acc']:.3f})",
@@ -388,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "command": " ".join(["python", "examples/compose_skills.py", *(sys.argv[1:] if argv is None else argv)]),
         "seed": args.seed, "n_test": n_test, "constraint": constraint, "reference": reference,
         "methods": methods, "rows": rows,
-        "toward_base": {"from": best_name, "ratio": toward_base["ratio"], "floor": base_floor, "met": toward_base["met"]}, "inference_cost": cost, "notes": lines, "wall_s": round(wall, 1),
+        "toward_base": {"from": best_name, "ratio": toward_base["ratio"], "floor": base_floor,
+                        "met": toward_base["met"]},
+        "inference_cost": cost, "notes": lines, "wall_s": round(wall, 1),
         "markdown": markdown(rows, reference),
     }  # fmt: skip
     (out / "table.md").write_text(result["markdown"])

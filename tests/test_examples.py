@@ -343,7 +343,8 @@ def compose_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 @pytest.mark.slow
 def test_compose_readme_table_is_what_make_demo_prints(compose_run: dict[str, Any]) -> None:
     """`make demo` on this checkout reproduces the README's table cell for cell (the run is deterministic)."""
-    printed = [[c.strip() for c in line.strip("|").split("|")] for line in compose_run["result"]["markdown"].splitlines()]
+    markdown = compose_run["result"]["markdown"]
+    printed = [[c.strip() for c in line.strip("|").split("|")] for line in markdown.splitlines()]
     assert readme_table("## The demo") == printed[2:]
 
 
