@@ -172,6 +172,8 @@ def test_tied_gpt2_with_every_callback_matches_float64_references(tmp_path: Path
             blended = assert_matches(tmp_path / "blend" / "blended.safetensors", true_blend)
             assert torch.equal(*(blended[k] for k in keys))
     assert torch.allclose(model.model.lm_head.weight.double(), blended["model.lm_head.weight"].double())
+    # the anchor file pairs with the full files (e.g. for the CLI's `blend --anchor`): both tied keys are in it
+    assert_matches(tmp_path / "blend" / "anchor.safetensors", recorder.initial, atol=0)
 
 
 @pytest.mark.slow
@@ -314,8 +316,7 @@ def test_compiled_module_files_load_into_the_plain_model(tmp_path: Path) -> None
     for name in ("average", "soup", "blended", "final", "anchor"):
         state = load_file(str(tmp_path / "soup" / f"{name}.safetensors"))
         assert not any("_orig_mod" in k for k in state), name
-        if name != "anchor":  # the anchor holds what training changes; it is complete here (nothing frozen)
-            plain.load_state_dict(state)
+        plain.load_state_dict(state)  # the anchor holds what training changes: here (nothing frozen) everything
     # A file with `_orig_mod.` keys is read as an anchor by a plain module, and a plain file by a compiled one.
     compiled_keys = {k.replace("net.", "net._orig_mod.", 1): v for k, v in load_file(
         str(tmp_path / "soup" / "final.safetensors")).items()}

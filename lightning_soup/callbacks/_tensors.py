@@ -175,8 +175,9 @@ def write_module_weights(
     path = Path(path)
     state = canonical(pl_module.state_dict())  # a compiled module's files load into the plain model
     if kept_only:
+        # every key of a kept tensor, tied ones included, so the file still pairs with full ones (CLI `blend`)
         keep = kept_keys(pl_module)
-        state = unique_tensors({k: v for k, v in state.items() if k in keep})
+        state = {k: v for k, v in state.items() if k in keep}
     with contextlib.ExitStack() as stack, torch.no_grad():
         writer = None
         if trainer.is_global_zero:
