@@ -12,8 +12,8 @@ Four measurements, in one run (all ratios are taken inside this run, so machine 
   callback's hooks and the snapshot writer thread's CPU time per epoch, and the end of fit.
 * ``update``: one steady-state snapshot (window full) on the training thread against a single ``torch.add`` pass
   over the same weights (``s.add_(w)`` per tensor; goal ≤ 1.3×), for ``"cpu"`` and ``"disk"`` (whose file write
-  runs in the background: its thread CPU time is reported apart), with the number of snapshots read back while
-  taking them (0: nothing is read back, evicted or not).
+  runs in the background: its thread CPU time is reported apart), with the training thread's minor page faults
+  per snapshot and the number of snapshots read back while taking them (0: nothing is read back, evicted or not).
 * ``memory``: peak ``RssAnon`` (anonymous memory, sampled every millisecond) of a child process that trains with
   ``window=2`` and ``window=16``, above the same child without the callback. Disk snapshots keep it flat; ``"cpu"``
   holds the window in host RAM by design (meant for GPU training).
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -295,6 +296,7 @@ def bench_update(args: argparse.Namespace) -> dict[str, Any]:
         "snapshot [disk] (training thread)": lambda: push("disk"),
     }
     times: dict[str, list[float]] = {k: [] for k in ops}
+    faults: dict[str, list[int]] = {k: [] for k in ops}
     reads_before = {mode: len(store.reads) for mode, (store, _) in stores.items()}
     # Round-robin, so that machine noise hits every op alike. The background file write of the previous push is
     # finished before timing (in training an epoch separates two pushes): only the training thread's work is timed.
@@ -303,10 +305,12 @@ def bench_update(args: argparse.Namespace) -> dict[str, Any]:
             for store, _names in stores.values():
                 store.flush()
             sync()
+            minflt = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
             start = time.perf_counter()
             fn()
             sync()
             times[name].append(time.perf_counter() - start)
+            faults[name].append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - minflt)
     for store, _names in stores.values():
         store.flush()
     _SnapshotStore._write = write  # type: ignore[method-assign]
@@ -318,7 +322,7 @@ def bench_update(args: argparse.Namespace) -> dict[str, Any]:
     base = statistics.median(times["torch.add pass"])
     rows = [
         {"op": name, "median_ms": 1e3 * statistics.median(v), "min_ms": 1e3 * min(v),
-         "x_torch_add": statistics.median(v) / base}
+         "x_torch_add": statistics.median(v) / base, "page_faults": statistics.median(faults[name])}
         for name, v in times.items()
     ]
     return {
@@ -446,8 +450,8 @@ def summary(part: str, data: dict[str, Any]) -> str:
     if part == "update":
         lines = [f"one snapshot of {data['weights_mb']:.0f} MB on the training thread (median / min ms, x torch.add; "
                  f"goal <= {data['goal_x_torch_add']}):"]
-        lines += [f"  {r['op']:36s} {r['median_ms']:8.2f} / {r['min_ms']:8.2f}   {r['x_torch_add']:.2f}x"
-                  for r in data["ops"]]
+        lines += [f"  {r['op']:36s} {r['median_ms']:8.2f} / {r['min_ms']:8.2f}   {r['x_torch_add']:.2f}x   "
+                  f"{r['page_faults']:.0f} page faults" for r in data["ops"]]
         lines.append(f"  writer thread CPU per snapshot {data['writer_cpu_ms_per_snapshot']:.1f} ms; snapshots read "
                      f"back {data['snapshots_read_back']}; files on disk {data['files_on_disk_window']}")
     elif part == "memory":
