@@ -347,17 +347,16 @@ def compose(
             )
         if lora:
             function = merge.lora_task_arithmetic
-        _check_related(lazies[1:], names[1:], base=lazies[0])
         start, device = _device(model), _work_device(trainer, model)
         validator = _Validator(trainer, model, datamodule, val_dataloaders, log, metric_names)
         with _restored_on_error(model):
             # each input read once, kept on the module's device for every candidate
             base_sd = _read_all(lazies[0], device)
+            fts = [_read_all(lazy, device) for lazy in lazies[1:]]
+            _check_related(fts, names[1:], base=base_sd)  # on what was read: no second read, before any validation
             references = [{"name": "base", "path": names[0], "metrics": _load_and_validate(model, base_sd, validator)}]
-            fts = []
-            for i, lazy in enumerate(lazies[1:]):
-                fts.append(_read_all(lazy, device))
-                metrics = _load_and_validate(model, fts[-1], validator)
+            for i, ft in enumerate(fts):
+                metrics = _load_and_validate(model, ft, validator)
                 references.append({"name": f"finetuned[{i}]", "path": names[i + 1], "metrics": metrics})
             tvs = [merge.task_vector(ft, base_sd) for ft in fts] if method == "task_arithmetic" and not lora else []
             rows = []
@@ -689,11 +688,14 @@ def _check_fits(model: Any, lazies: Sequence[storage.LazyStateDict], names: Sequ
         raise SoupError(f"{e}\n{hint}") from None
 
 
-def _check_related(lazies: Sequence[Any], names: Sequence[str], base: Any = None) -> None:
+def _check_related(inputs: Sequence[Mapping[str, Tensor]], names: Sequence[str], base: Any = None) -> None:
     """The one place the "unrelated base" check of lightning_soup.merge goes, before any validation.
 
-    TODO(unrelated-base): call the check of lightning_soup.merge (the function taking ``allow_unrelated``) here once
-    it has landed: fine-tunes against `base` for compose, the checkpoints against each other for soup.
+    TODO(unrelated-base): once ``lightning_soup.merge``'s relatedness check (the one behind ``allow_unrelated``) is on
+    main, call it here: for compose ``check_related(base, inputs, names, "base", derived=True)`` on the tensors
+    already read (no extra read); for soup ``check_related(inputs[0], inputs[1:], ..., derived=False)`` over the lazy
+    checkpoints, which reads each checkpoint one more time (three reads instead of two) unless the check is folded
+    into the scoring pass; and add ``allow_unrelated: bool = False`` to soup/compose (and SoupCLI) to pass through.
     """
 
 
