@@ -198,3 +198,66 @@ def test_validate_average_scores_the_weighted_average(flavour: Any, tmp_path: Pa
     logged = trainer.callback_metrics
     assert float(logged["average/val/loss"]) == pytest.approx(report["val/loss"], abs=1e-5)
     assert float(logged["average/val/acc"]) == pytest.approx(report["val/acc"], abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------------- reads and memory
+
+
+def test_only_window_snapshots_are_ever_read(flavour: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over a run with many evictions (and validate_average reading the window each epoch), every snapshot read back
+    is in the window at the time of the read, and training itself reads none."""
+    from lightning_soup.callbacks import averaging as module
+
+    averaging = flavour.soup.CheckpointAveraging(window=2, weights="1-sqrt", validate_average=True, verbose=False)
+    reads: list[tuple[str, list[str], str]] = []
+    real_add, real_load = module._SnapshotStore._add_snapshot_, module._SnapshotStore.load
+
+    def window() -> list[str]:
+        return [r["file"] for r in averaging._records]
+
+    def spy_add(self: Any, acc: Any, name: str, weight: float) -> None:
+        reads.append((name, window(), "_add_snapshot_"))
+        real_add(self, acc, name, weight)
+
+    def spy_load(self: Any, name: str) -> Any:
+        reads.append((name, window(), "load"))
+        return real_load(self, name)
+
+    monkeypatch.setattr(module._SnapshotStore, "_add_snapshot_", spy_add)
+    monkeypatch.setattr(module._SnapshotStore, "load", spy_load)
+    fit(flavour, tmp_path, [averaging], max_epochs=6)
+    assert reads, "the average was never read"
+    assert all(name in window for name, window, _ in reads), reads
+    # validate_average reads the window's older snapshot once per epoch (the newest is in the module); the end of
+    # fit reads the window and the newest snapshot's integer buffers.
+    assert sum(1 for *_, m in reads if m == "_add_snapshot_") == 5 + 2
+
+
+@pytest.mark.parametrize("mode", ["disk", "cpu"])
+def test_memory_held_between_snapshots_is_flat_in_window(tmp_path: Path, mode: str) -> None:
+    """Bytes the store holds between snapshots: one host buffer with disk snapshots whatever the window (the
+    device holds nothing), the window itself in host RAM with snapshots="cpu" (by design)."""
+    from lightning_soup.callbacks.averaging import _SnapshotStore
+
+    template = {"w": torch.zeros(256, 64), "b": torch.zeros(64), "n": torch.zeros((), dtype=torch.long)}
+    one = sum(t.numel() * t.element_size() for t in template.values())
+    held = {}
+    for window in (2, 16):
+        store = _SnapshotStore(tmp_path / f"{mode}{window}", mode, template)
+        (tmp_path / f"{mode}{window}").mkdir()
+        names: list[str] = []
+        for i in range(window + 3):
+            name = f"s{i}.safetensors"
+            evicted = names.pop(0) if len(names) == window else None
+            names.append(name)
+            store.push(name, {k: v + i for k, v in template.items()}, evicted)
+            if evicted is not None:
+                store.delete_files([evicted])
+        store.flush()
+        buffers = [*(store._staging or []), *(t for ts in store._ram.values() for t in ts)]
+        held[window] = sum(t.numel() * t.element_size() for t in buffers)
+        store.close()
+    if mode == "disk":
+        assert held == {2: one, 16: one}
+    else:
+        assert held == {2: 2 * one, 16: 16 * one}
