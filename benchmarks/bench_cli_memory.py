@@ -1,4 +1,4 @@
-"""Peak memory of ``lightning-soup average`` over large inputs: it must stay at a few tensors, not a model.
+"""Peak memory of ``lightning-soup average`` (or ``tsv``) over large inputs: a few tensors, not a model.
 
 Writes ``--inputs`` safetensors files of ``--size-mb`` each (float32 tensors of ``--tensor-mb``), runs the real CLI
 (``python -m lightning_soup average ...``) in a subprocess, and measures that process from outside:
@@ -19,6 +19,7 @@ allocator retention rather than live tensors; ``--mmap-threshold 1048576`` runs 
 Usage:
     python benchmarks/bench_cli_memory.py                      # 3 inputs of 256 MB, 4 MB tensors
     python benchmarks/bench_cli_memory.py --size-mb 64 --json  # reduced (the slow test runs this)
+    python benchmarks/bench_cli_memory.py --command tsv        # TSV-Merge: a base and 2 fine-tunes of 256 MB
 """
 
 from __future__ import annotations
@@ -75,9 +76,15 @@ def _write_inputs(folder: str, count: int, size_mb: float, tensor_mb: float) -> 
     cols = 1024
     rows = max(1, int(tensor_mb * 2**20 / 4 / cols))
     n = max(1, round(size_mb / tensor_mb))
+    # model0 and, for i >= 1, fine-tunes of it (model0 + 1% noise): what `tsv --base model0 ...` expects to see
     for i in range(count):
         g = torch.Generator().manual_seed(i)
-        sd = {f"layers.{j}.weight": torch.randn(rows, cols, generator=g) for j in range(n)}
+        sd = {}
+        for j in range(n):
+            t = torch.randn(rows, cols, generator=torch.Generator().manual_seed(10_000 + j))
+            if i:
+                t.add_(torch.randn(rows, cols, generator=g), alpha=0.01)
+            sd[f"layers.{j}.weight"] = t
         save_file(sd, Path(folder) / f"model{i}.safetensors")
         del sd
 
@@ -88,6 +95,13 @@ def main() -> None:
     parser.add_argument("--size-mb", type=float, default=256, help="size of each input (default: 256)")
     parser.add_argument("--tensor-mb", type=float, default=4, help="size of each tensor (default: 4)")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the inputs (default: a temp dir)")
+    parser.add_argument(
+        "--command",
+        choices=["average", "tsv"],
+        default="average",
+        help="average the inputs, or `tsv` with the first input as the base and the others as fine-tunes (SVDs of "
+        "each tensor's task vectors: more working memory per tensor)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
         "--mmap-threshold",
@@ -103,7 +117,8 @@ def main() -> None:
         input_mb = paths[0].stat().st_size / 2**20
         baseline = measure([sys.executable, "-c", BASELINE])
         out = folder / "soup.safetensors"
-        cli = [sys.executable, "-m", "lightning_soup", "average", *map(str, paths), "-o", str(out), "--quiet"]
+        inputs = [str(p) for p in paths] if args.command == "average" else ["--base", *map(str, paths)]
+        cli = [sys.executable, "-m", "lightning_soup", args.command, *inputs, "-o", str(out), "--quiet"]
         env = None
         if args.mmap_threshold is not None:
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)}
@@ -111,6 +126,7 @@ def main() -> None:
         output_ok = out.stat().st_size > 0 and run["stdout"].endswith(str(out))
 
     result = {
+        "command": args.command,
         "inputs": args.inputs,
         "input_mb": input_mb,
         "tensor_mb": args.tensor_mb,
@@ -130,7 +146,7 @@ def main() -> None:
     r = result
     malloc = "" if r["mmap_threshold"] is None else f", MALLOC_MMAP_THRESHOLD_={r['mmap_threshold']}"
     print(
-        f"lightning-soup average: {r['inputs']} inputs × {r['input_mb']:.0f} MB ({r['tensor_mb']:g} MB float32 "
+        f"lightning-soup {r['command']}: {r['inputs']} inputs × {r['input_mb']:.0f} MB ({r['tensor_mb']:g} MB float32 "
         f"tensors{malloc})"
     )
     print(f"  wall time                       {r['seconds']:.2f} s")

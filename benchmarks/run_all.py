@@ -34,7 +34,11 @@ QUICK_ARGS: dict[str, list[str]] = {
     "lora": ["--quick"],
     "cli_memory": ["--size-mb", "32"],
     "mergekit": ["--hidden", "256", "--layers", "2", "--vocab", "2000", "--repeat", "1"],
+    "multitask": ["--quick"],
+    "merge_svd": ["--quick"],
 }
+# Second runs of a script with other arguments: name -> (script name, extra arguments).
+VARIANTS: dict[str, tuple[str, list[str]]] = {"cli_memory_tsv": ("cli_memory", ["--command", "tsv"])}
 # Benchmarks whose ``--json`` is a flag that prints the figures on stdout instead of writing a file.
 JSON_ON_STDOUT = frozenset({"cli_memory", "mergekit"})
 # Extra arguments per benchmark for full runs: one intra-op thread where timings are steadier that way on shared
@@ -113,24 +117,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(HERE / "RESULTS.md"), help="markdown results file")
     args = parser.parse_args(argv)
 
-    scripts = sorted(HERE.glob("bench_*.py"))
-    names = [s.stem.removeprefix("bench_") for s in scripts]
+    runs = [(s.stem.removeprefix("bench_"), s, []) for s in sorted(HERE.glob("bench_*.py"))]
+    runs += [(name, HERE / f"bench_{script}.py", extra) for name, (script, extra) in VARIANTS.items()]
+    names = [name for name, _, _ in runs]
     if args.only:
         unknown = sorted(set(args.only) - set(names))
         if unknown:
             parser.error(f"unknown benchmark(s) {unknown}; available: {names}")
-        scripts = [s for s, n in zip(scripts, names) if n in args.only]
+        runs = [r for r in runs if r[0] in args.only]
 
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for script in scripts:
-            name = script.stem.removeprefix("bench_")
+        for name, script, extra in runs:
+            base_name = script.stem.removeprefix("bench_")
             out = Path(tmp) / f"{name}.json"
-            stdout_json = name in JSON_ON_STDOUT
+            stdout_json = base_name in JSON_ON_STDOUT
             cmd = [sys.executable, str(script), "--json"] + ([] if stdout_json else [str(out)])
-            cmd += DEFAULT_ARGS.get(name, [])
+            cmd += DEFAULT_ARGS.get(base_name, []) + extra
             if args.quick:
-                cmd += QUICK_ARGS.get(name, [])
+                cmd += QUICK_ARGS.get(base_name, [])
             if args.device and "--device" in script.read_text():
                 cmd += ["--device", args.device]
             print(f"$ {' '.join(cmd)}", flush=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
@@ -85,3 +86,12 @@ def test_ratio_is_computed_per_tensor() -> None:
         moved = (np64(out[k]) - np64(base[k])).ravel()
         ts.append(moved @ np.mean(taus, axis=0).ravel() / np.linalg.norm(np.mean(taus, axis=0)) ** 2)
     assert 0 < ts[0] < 1 and 0 < ts[1] < 1 and abs(ts[0] - ts[1]) > 1e-2  # two tensors, two ratios
+
+
+def test_slices_add_up_to_the_whole_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the Gram matrix and the sum are accumulated slice by slice: 7-entry slices give the reference too
+    base, fts = _related(5, torch.float32)
+    monkeypatch.setattr(importlib.import_module("lightning_soup.merge.model_stock"), "_SLICE", 7)
+    out = model_stock(base, fts)
+    for k in SHAPES:
+        assert_close(out[k], ref_model_stock(np64(base[k]), [np64(ft[k]) for ft in fts]), base[k], 1e-6, key=k)

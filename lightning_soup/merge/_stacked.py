@@ -22,14 +22,20 @@ from lightning_soup.merge._core import acc_dtype, copy_non_floating, move, prepa
 Delta = Callable[[Tensor], Tensor]
 
 
+#: ``per_key(base, finetuned)``: the merged tensor of one floating key, in base's dtype, on base's device
+PerKey = Callable[[Tensor, Sequence[Tensor]], Tensor]
+
+
 def merge_state_dicts(
     base: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
-    delta: Delta,
+    delta: Delta | None,
     alpha: float,
     min_finetuned: int = 1,
+    per_key: PerKey | None = None,
 ) -> dict[str, Tensor]:
-    """``base + alpha·delta(τ₁ … τ_T)`` for every floating key; non-floating tensors copied from `base`.
+    """``base + alpha·delta(τ₁ … τ_T)`` (or ``per_key(base, finetuned)``) for every floating key; non-floating
+    tensors copied from `base`.
 
     Raises:
         SoupError: for a non-mapping or incompatible input, fewer than `min_finetuned` fine-tunes, or a
@@ -47,7 +53,12 @@ def merge_state_dicts(
     bs, *fts = prepare([bs, *fts], names)
     result = copy_non_floating(bs, [k for k, t in bs.items() if not t.is_floating_point()])
     for k, b in bs.items():
-        if b.is_floating_point():
+        if not b.is_floating_point():
+            continue
+        if per_key is not None:
+            result[k] = per_key(b, [ft[k] for ft in fts])
+        else:
+            assert delta is not None
             result[k] = merge_tensor(b, [ft[k] for ft in fts], delta, alpha)
     return {k: result[k] for k in bs}
 

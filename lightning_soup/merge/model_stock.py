@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_soup.merge._core import acc_dtype
 from lightning_soup.merge._stacked import merge_state_dicts
 
 __all__ = ["model_stock"]
@@ -55,18 +56,39 @@ def model_stock(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
         >>> model_stock(base, fts)["w"]  # t = 2c / (1 + c) = 0.8284 times the mean (1.5, 0.5)
         tensor([1.2426, 0.4142])
     """
-    return merge_state_dicts(base, finetuned, model_stock_delta, 1.0, min_finetuned=2)
+    return merge_state_dicts(base, finetuned, None, 1.0, min_finetuned=2, per_key=model_stock_tensor)
 
 
-def model_stock_delta(taus: Tensor) -> Tensor:
-    """Model Stock's ``Δ = t·mean(τᵢ)`` of one tensor from its stacked task vectors ``taus`` (``N × shape``)."""
-    n = taus.shape[0]
-    flat = taus.reshape(n, -1)
-    gram = flat @ flat.mT  # (N, N) inner products
+#: entries per slice: the task vectors are never stored whole, only a few MiB of them at a time
+_SLICE = 1 << 18
+
+
+def model_stock_tensor(base: Tensor, finetuned: Sequence[Tensor]) -> Tensor:
+    """Model Stock of one tensor, in two passes over slices without storing the task vectors.
+
+    Pass 1 reads each slice of the inputs once, forms its ``N × slice`` task vectors, adds their inner products to
+    the ``N × N`` Gram matrix and writes their sum into the output buffer; pass 2 is ``base + (t/N)·sum``, fused.
+    Memory: the result plus slice temporaries; no host sync (``t`` stays a device scalar).
+    """
+    n = len(finetuned)
+    acc = acc_dtype(base.dtype, *(t.dtype for t in finetuned))
+    device = base.device
+    b = base.reshape(-1)
+    fts = [t.to(device=device).reshape(-1) for t in finetuned]  # no copy when already on base's device
+    numel = b.numel()
+    total = torch.empty(numel, dtype=acc, device=device)
+    gram = torch.zeros((n, n), dtype=acc, device=device)
+    for start in range(0, numel, _SLICE):
+        s = slice(start, min(start + _SLICE, numel))
+        bs = b[s].to(acc)
+        taus = torch.stack([ft[s].to(acc) for ft in fts]).sub_(bs)  # (N, slice)
+        gram.addmm_(taus, taus.mT)
+        torch.sum(taus, 0, out=total[s])
     norms = gram.diagonal().sqrt()
     outer = norms[:, None] * norms[None, :]
-    cos = torch.where(outer > 0, gram / outer.clamp_min(torch.finfo(gram.dtype).tiny), 0.0)
-    i, j = torch.triu_indices(n, n, 1, device=taus.device)
+    cos = torch.where(outer > 0, gram / outer.clamp_min(torch.finfo(acc).tiny), 0.0)
+    i, j = torch.triu_indices(n, n, 1, device=device)
     c = cos[i, j].mean().clamp(0.0, 1.0)
-    t = n * c / (1 + (n - 1) * c)
-    return taus.mean(0).mul_(t)
+    t = c / (1 + (n - 1) * c)  # N·c / (1 + (N − 1)·c), divided by N for the sum
+    out = torch.addcmul(b, total, t, out=total)  # computed in `acc` (b is widened on the fly), one rounding below
+    return out.reshape(base.shape).to(base.dtype)
