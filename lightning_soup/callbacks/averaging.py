@@ -101,6 +101,7 @@ class _SnapshotStore:
         self._on_disk: set[str] = set()
         self._staging: list[Tensor] | None = None  # mode "disk": the host buffer the writer writes from
         self._pending: concurrent.futures.Future[None] | None = None
+        self._writing: str | None = None  # the snapshot whose file the writer may still be writing
         self._executor = concurrent.futures.ThreadPoolExecutor(
             1, thread_name_prefix="lightning_soup-snapshots", initializer=_background_priority
         )
@@ -134,6 +135,7 @@ class _SnapshotStore:
         self._staging, event = self._copy_out(tensors, self._staging)
         state = dict(zip(self.keys, self._staging))
         self._pending = self._executor.submit(self._write, name, state, event, dict(recipe or {}))
+        self._writing = name
 
     def _copy_out(self, tensors: list[Tensor], into: list[Tensor] | None) -> tuple[list[Tensor], Any]:
         """Copy ``tensors`` into host buffers ``into`` (allocated once); on CUDA, also the event that completes it."""
@@ -198,7 +200,8 @@ class _SnapshotStore:
             # (the next device-to-host copy into it is queued after this on the side stream, see _copy_out).
             _inplace.add_scaled_(acc, [t.to(a.device, non_blocking=True) for t, a in zip(floats, acc)], weight)
             return
-        self.flush()
+        if name == self._writing:
+            self.flush()  # older files are complete: each write starts only after the previous one finished
         with storage.open_state_dict(self.directory / name) as lazy:
             names = {_tensors.canonical_key(k): k for k in lazy}  # older versions kept compiled modules' `_orig_mod.`
             for a, key in zip(acc, self.float_keys):
