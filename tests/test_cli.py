@@ -562,11 +562,11 @@ def test_failure_while_streaming_leaves_no_output(
     out.write_bytes(b"previous")
     real, calls = merge.uniform_soup, []
 
-    def failing(sds: list) -> dict:
+    def failing(sds: list, **kwargs: bool) -> dict:
         calls.append(next(iter(sds[0])))
         if len(calls) == 5:  # after the probe and a few tensors are written
             raise RuntimeError("boom")
-        return real(sds)
+        return real(sds, **kwargs)
 
     monkeypatch.setattr(merge, "uniform_soup", failing)
     before = set(tmp_path.iterdir())
@@ -819,7 +819,7 @@ def test_inspect_reports_what_differs(tmp_path: Path, capsys: pytest.CaptureFixt
     del b["bn.bias"]
     paths, _ = write_all(tmp_path, {"base": base, "a": fts[0], "b": b}, "safetensors")
     rc, out, err = run(["inspect", paths["a"], paths["b"], "--base", paths["base"], "--json"], capsys)
-    assert rc == 0, err
+    assert rc == 1, err  # not compatible: exit 1 (the report is still printed)
     doc = json.loads(out)
     assert doc["compatible"] is False
     assert doc["missing"] == {paths["b"]: ["bn.bias"]}
@@ -832,7 +832,7 @@ def test_inspect_reports_what_differs(tmp_path: Path, capsys: pytest.CaptureFixt
     assert doc["task_vectors"]["num_params"] == sum(base[k].numel() for k in shared)
 
     rc, out, _ = run(["inspect", paths["a"], paths["b"]], capsys)
-    assert rc == 0 and "not compatible" in out and "'enc.weight'" in out
+    assert rc == 1 and "not compatible" in out and "'enc.weight'" in out
 
 
 def test_inspect_without_base_reads_only_headers(

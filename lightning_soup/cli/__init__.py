@@ -191,9 +191,16 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
             "--output",
             required=True,
             metavar="PATH",
-            help="the .safetensors file to write (a folder with --shard-size)",
+            help="the .safetensors file to write; a folder with --shard-size, or when the inputs are Hugging Face "
+            "model folders (a model folder that from_pretrained loads: weights, config, tokenizer, README.md)",
         )
         out.add_argument("--force", action="store_true", help="overwrite the output if it exists")
+        out.add_argument(
+            "--allow-unrelated",
+            action="store_true",
+            help="merge even inputs whose weights do not look fine-tuned from one base (by default they are refused: "
+            "their whole-model cosine similarity to the base, or to the first input, is below 0.15)",
+        )
         out.add_argument(
             "--dtype",
             type=_dtype,
@@ -201,6 +208,13 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
             metavar="DTYPE",
             help="dtype of the output's floating tensors: float32, float16, bfloat16, float64 or keep (default: keep, "
             "the dtype of the tensor each result replaces)",
+        )
+        out.add_argument(
+            "--config-from",
+            default=None,
+            metavar="PATH",
+            help="the Hugging Face model folder whose config.json, generation_config.json and tokenizer files the "
+            "output folder gets (default: the base's, or the first input that is a model folder)",
         )
         out.add_argument(
             "--shard-size",
@@ -395,8 +409,14 @@ def _check_usage(args: argparse.Namespace) -> None:
     sub: argparse.ArgumentParser = args._parser
     output = getattr(args, "output", None)
     if output is not None:
-        if args.shard_size is None and not output.endswith(".safetensors"):
-            sub.error(f"-o {output}: the output file must end in .safetensors (or pass --shard-size for a folder)")
+        model_folders = args.config_from is not None or any(_is_model_folder(p) for p in input_paths(args))
+        if args.shard_size is None and not output.endswith(".safetensors") and not model_folders:
+            sub.error(
+                f"-o {output}: the output file must end in .safetensors (or pass --shard-size for a folder; Hugging "
+                "Face model folders as inputs give a model folder)"
+            )
+        if args.config_from is not None and output.rstrip("/").endswith(".safetensors"):
+            sub.error(f"-o {output}: --config-from writes a model folder; drop the .safetensors suffix")
         if args.shard_size is not None and output.rstrip("/").endswith(".safetensors"):
             sub.error(f"-o {output}: with --shard-size the output is a folder; drop the .safetensors suffix")
     if args.command == "average":
@@ -411,6 +431,19 @@ def _check_usage(args: argparse.Namespace) -> None:
             f"--scales: got {len(args.scales)} scales for {len(args.finetuned)} fine-tuned models; give one or one "
             "per model"
         )
+
+
+def input_paths(args: argparse.Namespace) -> list[str]:
+    """The input paths of a merge command, the base or anchor first."""
+    firsts = [getattr(args, n, None) for n in ("base", "anchor", "a", "model", "b")]
+    rest = [*(getattr(args, "inputs", None) or []), *(getattr(args, "finetuned", None) or [])]
+    return [p for p in firsts if isinstance(p, str)] + list(rest)
+
+
+def _is_model_folder(path: str) -> bool:
+    from lightning_soup.cli.hf import is_model_folder
+
+    return is_model_folder(path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

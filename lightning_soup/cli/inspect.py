@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_soup.cli.io import Progress, device_of, open_inputs, prefetch, wants_progress
 from lightning_soup.merge import diagnostics
+from lightning_soup.merge._related import MIN_COSINE, Relatedness, Relation
 from lightning_soup.merge.diagnostics import Compatibility, TaskVectorReport
 
 if TYPE_CHECKING:
@@ -24,10 +25,15 @@ if TYPE_CHECKING:
 
 
 def run_inspect(args: Namespace) -> int:
-    """Print the report (rich tables, or JSON with ``--json``) on stdout; 0 even when the inputs differ."""
+    """Print the report (rich tables, or JSON with ``--json``) on stdout.
+
+    Returns 1 when the inputs cannot be merged: they differ in keys, shapes or kinds, or (with ``--base``) a model
+    does not look fine-tuned from the base (:mod:`lightning_soup.merge._related`); 0 otherwise.
+    """
     device = device_of(args.device)
     roles = ([("base", args.base)] if args.base else []) + [("model", p) for p in args.models]
     report = None
+    relations: list[Relation] | None = None
     with contextlib.ExitStack() as stack:
         inputs = open_inputs(stack, roles, args.prefix, merging=False)
         metas = [i.meta() for i in inputs]
@@ -37,6 +43,7 @@ def run_inspect(args: Namespace) -> int:
             keys = [k for k in compat.common if base_meta[k].dtype.is_floating_point]
             total = sum(m[k].numel() * m[k].element_size() for k in keys for m in metas)
             stats = diagnostics.TaskVectorStats([i.name for i in inputs[1:]])
+            related = Relatedness([i.name for i in inputs[1:]], inputs[0].name)
 
             def load(key: str) -> list[Tensor]:
                 return [i[key] for i in inputs]
@@ -47,12 +54,18 @@ def run_inspect(args: Namespace) -> int:
                     nbytes = sum(t.numel() * t.element_size() for t in tensors)
                     tensors = [t.to(device) for t in tensors]
                     stats.update(key, tensors[0], tensors[1:])
+                    related.update(key, tensors[0], tensors[1:])
                     del tensors
                     progress.advance(task, nbytes)
             report = stats.result(args.top)
+            relations = related.relations()
     base_name = args.base
+    unrelated = [r.name for r in relations or [] if not r.related]
     if args.json:
         doc = diagnostics.report_json(compat, report, base_name)
+        if relations is not None:
+            doc["related"] = [_relation_json(r) for r in relations]
+            doc["unrelated"] = unrelated
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     else:
         from rich.console import Console
@@ -61,9 +74,62 @@ def run_inspect(args: Namespace) -> int:
         console = Console() if sys.stdout.isatty() else Console(width=160)
         with console.capture() as captured:  # all or nothing: a rendering error prints no half report
             console.print(render_report(compat, report, base_name or "base"))
+            if relations is not None:
+                console.print(render_relations(relations, base_name))
         sys.stdout.write(captured.get())
         sys.stdout.flush()
-    return 0
+    return 0 if compat.compatible and not unrelated else 1
+
+
+def _relation_json(r: Relation) -> dict[str, Any]:
+    def finite(x: float) -> float | None:
+        return x if math.isfinite(x) else None
+
+    return {
+        "model": r.name,
+        "cosine": finite(r.cosine),
+        "distance": finite(r.distance),
+        "judged": r.judged,
+        "related": r.related,
+        "worst_tensor": None if r.worst is None else {"key": r.worst[0], "cosine": finite(r.worst[1])},
+    }
+
+
+def render_relations(relations: list[Relation], base_name: str) -> RenderableType:
+    """Whether each model looks fine-tuned from the base: whole-model cosine and distance, and a verdict."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=f"Fine-tuned from {_e(base_name)}? (tensor means removed)", title_justify="left")
+    columns = (("model", "left"), ("cosine to base", "right"), ("‖θ − base‖ / ‖base‖", "right"), ("", "left"))
+    for col, justify in columns:
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in relations:
+        verdict = (
+            Text("✓ shares the base", style="green")
+            if r.related and r.judged
+            else Text("? too small to tell")
+            if r.related
+            else Text("✗ does not share the base", style="bold red")
+        )
+        table.add_row(_e(r.name), _num(r.cosine, ".4f"), _num(r.distance, ".3f"), verdict)
+    parts: list[Any] = [table]
+    bad = [r for r in relations if not r.related]
+    if bad:
+        worst = ", ".join(
+            f"{_plain(r.name)}: {_plain(repr(r.worst[0]))} cosine {r.worst[1]:.4f}" for r in bad if r.worst
+        )
+        parts.append(
+            Text(
+                f"✗ {len(bad)} model(s) do not look fine-tuned from {_plain(base_name)}: fine-tunes measure a cosine "
+                f"of 0.35 to 1, independent initialisations about 0 (limit {MIN_COSINE}); largest unrelated tensors: "
+                f"{worst}. Merging them would produce garbage (the merge commands refuse; --allow-unrelated "
+                "overrides).",
+                style="red",
+            )
+        )
+    return Group(*parts)
 
 
 def _plain(text: object) -> str:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_soup import storage
+from lightning_soup.cli import hf, input_paths
 from lightning_soup.cli.io import (
     Input,
     Progress,
@@ -38,6 +39,7 @@ from lightning_soup.cli.io import (
 )
 from lightning_soup.errors import SoupError
 from lightning_soup.merge import diagnostics
+from lightning_soup.merge._related import Relatedness
 
 MergeFn = Callable[[str, list[Tensor]], Tensor]
 
@@ -69,12 +71,12 @@ def make_plan(args: Namespace) -> Plan:
         if weights is None:
 
             def average(key: str, ts: list[Tensor]) -> Tensor:
-                return merge.uniform_soup([{key: t} for t in ts])[key]
+                return merge.uniform_soup([{key: t} for t in ts], allow_unrelated=True)[key]
 
             return Plan(command, "uniform_soup", [("input", p) for p in args.inputs], {}, average)
 
         def weighted(key: str, ts: list[Tensor]) -> Tensor:
-            return merge.weighted_average([{key: t} for t in ts], weights)[key]
+            return merge.weighted_average([{key: t} for t in ts], weights, allow_unrelated=True)[key]
 
         return Plan(command, "weighted_average", [("input", p) for p in args.inputs], {"weights": weights}, weighted)
 
@@ -86,7 +88,7 @@ def make_plan(args: Namespace) -> Plan:
             # about patterns that match none of the (one) keys
             pattern = _first_match(key, layer_ratios)
             mine = None if pattern is None else {pattern: layer_ratios[pattern]}
-            return merge.interpolate({key: ts[0]}, {key: ts[1]}, ratio, layer_ratios=mine)[key]
+            return merge.interpolate({key: ts[0]}, {key: ts[1]}, ratio, layer_ratios=mine, allow_unrelated=True)[key]
 
         def check(keys: Sequence[str]) -> None:
             unused = [p for p in layer_ratios if not any(fnmatch.fnmatchcase(k, p) for k in keys)]
@@ -106,7 +108,7 @@ def make_plan(args: Namespace) -> Plan:
         t = args.t
 
         def slerp(key: str, ts: list[Tensor]) -> Tensor:
-            return merge.slerp({key: ts[0]}, {key: ts[1]}, t)[key]
+            return merge.slerp({key: ts[0]}, {key: ts[1]}, t, allow_unrelated=True)[key]
 
         return Plan(command, "slerp", [("a", args.a), ("b", args.b)], {"t": t}, slerp)
 
@@ -116,8 +118,8 @@ def make_plan(args: Namespace) -> Plan:
 
         def arithmetic(key: str, ts: list[Tensor]) -> Tensor:
             base = {key: ts[0]}
-            vectors = [merge.task_vector({key: t}, base) for t in ts[1:]]
-            return merge.task_arithmetic(base, vectors, scales)[key]
+            vectors = [merge.task_vector({key: t}, base, allow_unrelated=True) for t in ts[1:]]
+            return merge.task_arithmetic(base, vectors, scales, allow_unrelated=True)[key]
 
         return Plan(command, "task_arithmetic", [("base", args.base), *finetuned], {"scales": scales}, arithmetic)
 
@@ -125,7 +127,8 @@ def make_plan(args: Namespace) -> Plan:
         density, scale = args.density, args.scale
 
         def ties(key: str, ts: list[Tensor]) -> Tensor:
-            return merge.ties({key: ts[0]}, [{key: t} for t in ts[1:]], density, scale=scale)[key]
+            fts = [{key: t} for t in ts[1:]]
+            return merge.ties({key: ts[0]}, fts, density, scale=scale, allow_unrelated=True)[key]
 
         return Plan(command, "ties", [("base", args.base), *finetuned], {"density": density, "scale": scale}, ties)
 
@@ -133,7 +136,8 @@ def make_plan(args: Namespace) -> Plan:
         density, scale, seed = args.density, args.scale, args.seed
 
         def dare(key: str, ts: list[Tensor]) -> Tensor:
-            return merge.dare({key: ts[0]}, [{key: t} for t in ts[1:]], density, scale=scale, seed=seed)[key]
+            fts = [{key: t} for t in ts[1:]]
+            return merge.dare({key: ts[0]}, fts, density, scale=scale, seed=seed, allow_unrelated=True)[key]
 
         parameters = {"density": density, "scale": scale, "seed": seed}
         return Plan(command, "dare", [("base", args.base), *finetuned], parameters, dare)
@@ -149,7 +153,7 @@ def make_plan(args: Namespace) -> Plan:
 
         def spectral(key: str, ts: list[Tensor]) -> Tensor:
             # the whole-dict function on one key: its per-key formula sees exactly this key's tensors
-            return method({key: ts[0]}, [{key: t} for t in ts[1:]], **options)[key]
+            return method({key: ts[0]}, [{key: t} for t in ts[1:]], **options, allow_unrelated=True)[key]
 
         return Plan(command, function, [("base", args.base), *finetuned], options, spectral)
 
@@ -212,6 +216,17 @@ def check_compatible(inputs: Sequence[Input]) -> None:
             hint = ""
         raise SoupError(problems[0] + extra + hint)
     core_check(metas, names)  # the functional core's own check, so that the two can never disagree
+
+
+def relatedness(plan: Plan, inputs: Sequence[Input]) -> Relatedness:
+    """How the inputs relate to the first one (the base, the anchor, input A), judged on the whole model.
+
+    The merge loop feeds it every key it reads anyway (each tensor is read once) and checks it before the output is
+    committed; the per-key merge calls pass ``allow_unrelated=True``, since one tensor alone (a fresh head) says
+    nothing about the model.
+    """
+    derived = plan.function not in ("uniform_soup", "weighted_average", "slerp")
+    return Relatedness([i.name for i in inputs[1:]], inputs[0].name, derived=derived)
 
 
 def _probe(dtype: torch.dtype, index: int) -> Tensor:
@@ -280,8 +295,9 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
     timer = Timer()
     device = device_of(args.device)
     output = Path(args.output).expanduser()
-    check_output(output, args)
     plan = make_plan(args)
+    source = None if args.output.endswith(".safetensors") else hf.config_source(args.config_from, input_paths(args))
+    check_output(output, args)
     target = None if args.dtype == "keep" else getattr(torch, args.dtype)
     with contextlib.ExitStack() as stack:
         inputs = open_inputs(stack, plan.inputs, args.prefix)
@@ -294,17 +310,28 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
         with Progress(wants_progress(args.quiet)) as progress:
             digests = hash_inputs(inputs, progress)
             recipe = recipe_of(plan, inputs, digests, args, argv)
+            if args.allow_unrelated:
+                recipe["allow_unrelated"] = True
             task = progress.add("merging", total)
 
             def load(key: str) -> list[Tensor]:
                 return [i[key] for i in inputs]
 
+            related = None if args.allow_unrelated else relatedness(plan, inputs)
             storage.remove_stale_temp_files(output.parent)  # what a killed earlier run left behind
-            with storage.SafetensorsWriter(
-                output, specs, recipe=recipe, shard_size=args.shard_size, overwrite=args.force
+            folder = contextlib.nullcontext(output)
+            if source is not None:  # a Hugging Face model folder: weights, config, tokenizer, card
+                sharded = args.shard_size is not None
+                folder = hf.model_folder(
+                    output, source, sharded=sharded, recipe=recipe, dtype=args.dtype, overwrite=args.force
+                )
+            with folder as weights, storage.SafetensorsWriter(
+                weights, specs, recipe=recipe, shard_size=args.shard_size, overwrite=args.force or source is not None
             ) as writer:
                 for key, tensors in prefetch(specs, load):
                     tensors = [t.to(device=device, dtype=_compute_dtype(t, target)) for t in tensors]
+                    if related is not None:
+                        related.update(key, tensors[0], tensors[1:])
                     result = plan.merge(key, tensors)
                     dtype, shape = specs[key]
                     if tuple(result.shape) != shape:  # pragma: no cover - a merge function bug, not a user error
@@ -316,10 +343,12 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
                     writer.write(key, result)
                     del tensors, result
                     progress.advance(task, dtype.itemsize * _numel(shape))
+                if related is not None:  # before the writer commits: a refused merge leaves no output
+                    related.check(hint="pass --allow-unrelated if they do share a base")
             progress.done(task)
     digest = storage.sha256_file(output)
     print(f"{digest}  {output}", flush=True)
-    kind = "folder" if args.shard_size is not None else "file"
+    kind = "model folder" if source is not None else "folder" if args.shard_size is not None else "file"
     note(
         f"lightning-soup: wrote {output} ({kind}, {len(specs)} tensors, {human_bytes(total)}) in {timer.seconds:.1f} s",
         args.quiet,

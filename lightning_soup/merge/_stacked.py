@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_soup.errors import SoupError
 from lightning_soup.merge._checks import check_real, check_state_dict, check_state_dicts
 from lightning_soup.merge._core import acc_dtype, copy_non_floating, move, prepare
+from lightning_soup.merge._related import check_related
 
 #: ``delta(taus)``: the merged update of one tensor from its stacked task vectors ``(T, *shape)``
 Delta = Callable[[Tensor], Tensor]
@@ -33,13 +34,14 @@ def merge_state_dicts(
     alpha: float,
     min_finetuned: int = 1,
     per_key: PerKey | None = None,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """``base + alpha·delta(τ₁ … τ_T)`` (or ``per_key(base, finetuned)``) for every floating key; non-floating
     tensors copied from `base`.
 
     Raises:
         SoupError: for a non-mapping or incompatible input, fewer than `min_finetuned` fine-tunes, or a
-            non-finite `alpha`.
+            non-finite `alpha`, or (unless `allow_unrelated`) a fine-tune that does not look fine-tuned from `base`.
     """
     bs = check_state_dict(base, "base")
     fts = check_state_dicts(finetuned, "finetuned")
@@ -51,6 +53,8 @@ def merge_state_dicts(
     alpha = check_real(alpha, "alpha")
     names = ["base"] + [f"finetuned[{i}]" for i in range(len(fts))]
     bs, *fts = prepare([bs, *fts], names)
+    if not allow_unrelated:
+        check_related(bs, fts, names[1:], "base")
     result = copy_non_floating(bs, [k for k, t in bs.items() if not t.is_floating_point()])
     for k, b in bs.items():
         if not b.is_floating_point():

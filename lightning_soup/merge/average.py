@@ -15,11 +15,12 @@ from torch import Tensor
 
 from lightning_soup.merge._checks import check_state_dicts, check_weights
 from lightning_soup.merge._core import batches, cast, copy_non_floating, group_keys, move, prepare
+from lightning_soup.merge._related import check_related
 
 __all__ = ["uniform_soup", "weighted_average"]
 
 
-def uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+def uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]], *, allow_unrelated: bool = False) -> dict[str, Tensor]:
     """Elementwise mean of state dicts (a uniform model soup, or an average of checkpoints).
 
     Floating tensors are averaged in float32 (float64 when an input is float64) and returned in the dtype and on
@@ -28,12 +29,15 @@ def uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tenso
 
     Args:
         state_dicts: one or more state dicts with the same keys and shapes.
+        allow_unrelated: merge even state dicts whose weights look unrelated to the first one's (not fine-tunes
+            of one base, see :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict, keys in the order of ``state_dicts[0]``.
 
     Raises:
-        SoupError: when `state_dicts` is empty or the state dicts differ in keys or shapes (all listed).
+        SoupError: when `state_dicts` is empty or the state dicts differ in keys or shapes (all listed), or (unless
+            `allow_unrelated`) a state dict does not share a base with the first one.
 
     Example:
         >>> import torch
@@ -41,10 +45,12 @@ def uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]]) -> dict[str, Tenso
         {'w': tensor([0.5000, 3.0000])}
     """
     sds = check_state_dicts(state_dicts, "state_dicts")
-    return _average(sds, [1.0] * len(sds))
+    return _average(sds, [1.0] * len(sds), allow_unrelated)
 
 
-def weighted_average(state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float]) -> dict[str, Tensor]:
+def weighted_average(
+    state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float], *, allow_unrelated: bool = False
+) -> dict[str, Tensor]:
     """Weighted mean ``Σ wᵢθᵢ / Σ wᵢ`` of state dicts.
 
     Dtypes, devices and non-floating tensors as in :func:`uniform_soup`. A zero weight leaves that state dict out
@@ -53,13 +59,14 @@ def weighted_average(state_dicts: Sequence[Mapping[str, Tensor]], weights: Seque
     Args:
         state_dicts: one or more state dicts with the same keys and shapes.
         weights: one finite, non-negative number per state dict, not all zero; they need not sum to one.
+        allow_unrelated: as in :func:`uniform_soup`.
 
     Returns:
         A new state dict, keys in the order of ``state_dicts[0]``.
 
     Raises:
         SoupError: for incompatible state dicts, or a wrong number of weights / negative / non-finite weights /
-            weights summing to zero.
+            weights summing to zero, or (unless `allow_unrelated`) a state dict unrelated to the first one.
 
     Example:
         >>> import torch
@@ -68,11 +75,16 @@ def weighted_average(state_dicts: Sequence[Mapping[str, Tensor]], weights: Seque
     """
     sds = check_state_dicts(state_dicts, "state_dicts")
     w = check_weights(weights, len(sds))
-    return _average(sds, w)
+    return _average(sds, w, allow_unrelated)
 
 
-def _average(state_dicts: list[Mapping[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
-    sds = prepare(state_dicts, [f"state_dicts[{i}]" for i in range(len(state_dicts))])
+def _average(
+    state_dicts: list[Mapping[str, Tensor]], weights: list[float], allow_unrelated: bool
+) -> dict[str, Tensor]:
+    names = [f"state_dicts[{i}]" for i in range(len(state_dicts))]
+    sds = prepare(state_dicts, names)
+    if not allow_unrelated and len(sds) > 1:
+        check_related(sds[0], sds[1:], names[1:], names[0], derived=False)
     ref = sds[0]
     float_keys = [k for k, t in ref.items() if t.is_floating_point()]
     result = copy_non_floating(ref, [k for k, t in ref.items() if not t.is_floating_point()])

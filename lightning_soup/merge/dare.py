@@ -17,6 +17,7 @@ from torch import Tensor
 
 from lightning_soup.merge._checks import check_density, check_real, check_seed, check_state_dict, check_state_dicts
 from lightning_soup.merge._core import acc_dtype, copy_non_floating, move, prepare
+from lightning_soup.merge._related import check_related
 
 __all__ = ["dare"]
 
@@ -27,6 +28,8 @@ def dare(
     density: float,
     scale: float = 1.0,
     seed: int = 0,
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """DARE-merge fine-tunes of a common base: ``base + scale·Σᵢ maskᵢ ⊙ (finetunedᵢ − base) / density``.
 
@@ -38,14 +41,16 @@ def dare(
         density: keep probability, in ``(0, 1]``; 1 keeps everything (plain task arithmetic).
         scale: multiplier of the summed task vectors; any finite real.
         seed: any integer; the same seed gives the same result, also when merging key by key.
+        allow_unrelated: merge even fine-tunes that do not look fine-tuned from `base`.
 
     Returns:
         A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device (computed in
         float32 or better), non-floating tensors copied from ``finetuned[0]``.
 
     Raises:
-        SoupError: for incompatible state dicts, an empty `finetuned`, `density` outside ``(0, 1]``, a non-finite
-            `scale` or a non-integer `seed`.
+        SoupError: (unless `allow_unrelated`) for a fine-tune that does not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`); for incompatible state dicts, an empty `finetuned`,
+            `density` outside ``(0, 1]``, a non-finite `scale` or a non-integer `seed`.
 
     Example:
         >>> import torch
@@ -63,6 +68,8 @@ def dare(
     seed = check_seed(seed)
     names = ["base"] + [f"finetuned[{i}]" for i in range(len(fts))]
     bs, *fts = prepare([bs, *fts], names)
+    if not allow_unrelated:
+        check_related(bs, fts, names[1:], "base")
 
     result = copy_non_floating(fts[0], [k for k, t in bs.items() if not t.is_floating_point()])
     for k, b in bs.items():

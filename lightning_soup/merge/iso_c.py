@@ -28,6 +28,8 @@ def iso_c(
     base: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
     alpha: float = 1.0,
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """Merge fine-tunes of a common base by Iso-C: the summed task vector with a flat singular spectrum.
 
@@ -44,6 +46,8 @@ def iso_c(
         base: the common base state dict.
         finetuned: one or more fine-tuned state dicts (same keys and shapes as `base`).
         alpha: multiplier of the merged update; any finite real (the paper tunes it on validation, ~1.0–1.5).
+        allow_unrelated: merge even fine-tunes that do not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device, non-floating
@@ -59,7 +63,7 @@ def iso_c(
         >>> torch.allclose(iso_c(base, fts)["w"], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))  # spectrum (3, 1) -> (2, 2)
         True
     """
-    return merge_state_dicts(base, finetuned, iso_c_delta, alpha)
+    return merge_state_dicts(base, finetuned, iso_c_delta, alpha, allow_unrelated=allow_unrelated)
 
 
 def iso_c_delta(taus: Tensor) -> Tensor:

@@ -37,6 +37,8 @@ def iso_cts(
     finetuned: Sequence[Mapping[str, Tensor]],
     alpha: float = 1.0,
     common_fraction: float = 0.8,
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """Merge fine-tunes of a common base by Iso-CTS: common plus task-specific subspaces, flat spectrum.
 
@@ -56,6 +58,8 @@ def iso_cts(
         finetuned: one or more fine-tuned state dicts (same keys and shapes as `base`).
         alpha: multiplier of the merged update; any finite real (the paper tunes it on validation, ~1.0–1.5).
         common_fraction: share of each matrix's rank given to the common subspace, in ``[0, 1]`` (paper: 0.8).
+        allow_unrelated: merge even fine-tunes that do not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device, non-floating
@@ -74,7 +78,8 @@ def iso_cts(
         True
     """
     fraction = check_fraction(common_fraction, "common_fraction")
-    return merge_state_dicts(base, finetuned, lambda taus: iso_cts_delta(taus, fraction), alpha)
+    delta = lambda taus: iso_cts_delta(taus, fraction)  # noqa: E731
+    return merge_state_dicts(base, finetuned, delta, alpha, allow_unrelated=allow_unrelated)
 
 
 def subspace_sizes(rank: int, tasks: int, common_fraction: float) -> tuple[int, int]:

@@ -25,7 +25,9 @@ from lightning_soup.merge._stacked import merge_state_dicts
 __all__ = ["model_stock"]
 
 
-def model_stock(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+def model_stock(
+    base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Tensor]], *, allow_unrelated: bool = False
+) -> dict[str, Tensor]:
     """Merge two or more fine-tunes of a common base by Model Stock, tensor by tensor, with no coefficient to tune.
 
     Behaviour beyond the formula (module docstring):
@@ -41,6 +43,8 @@ def model_stock(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
     Args:
         base: the common base state dict (the pre-trained weights ``w₀``).
         finetuned: two or more fine-tuned state dicts (same keys and shapes as `base`).
+        allow_unrelated: merge even fine-tunes that do not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device, non-floating
@@ -56,7 +60,9 @@ def model_stock(base: Mapping[str, Tensor], finetuned: Sequence[Mapping[str, Ten
         >>> model_stock(base, fts)["w"]  # t = 2c / (1 + c) = 0.8284 times the mean (1.5, 0.5)
         tensor([1.2426, 0.4142])
     """
-    return merge_state_dicts(base, finetuned, None, 1.0, min_finetuned=2, per_key=model_stock_tensor)
+    return merge_state_dicts(
+        base, finetuned, None, 1.0, min_finetuned=2, per_key=model_stock_tensor, allow_unrelated=allow_unrelated
+    )
 
 
 #: entries per slice: the task vectors are never stored whole, only a few MiB of them at a time

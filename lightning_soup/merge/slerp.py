@@ -15,6 +15,7 @@ from torch import Tensor
 
 from lightning_soup.merge._checks import check_real
 from lightning_soup.merge._core import batches, cast, copy_non_floating, group_keys, move, prepare
+from lightning_soup.merge._related import check_related
 
 __all__ = ["slerp"]
 
@@ -22,7 +23,9 @@ __all__ = ["slerp"]
 COLINEAR = 0.9995
 
 
-def slerp(a: Mapping[str, Tensor], b: Mapping[str, Tensor], t: float) -> dict[str, Tensor]:
+def slerp(
+    a: Mapping[str, Tensor], b: Mapping[str, Tensor], t: float, *, allow_unrelated: bool = False
+) -> dict[str, Tensor]:
     """Per-tensor spherical interpolation from `a` (``t = 0``) to `b` (``t = 1``).
 
     The lerp-or-slerp choice is made per tensor on the device (``torch.where`` over the stacked cosines of a group
@@ -32,13 +35,16 @@ def slerp(a: Mapping[str, Tensor], b: Mapping[str, Tensor], t: float) -> dict[st
         a: the state dict at ``t = 0``.
         b: the state dict at ``t = 1``; same keys and shapes.
         t: interpolation parameter; any finite real (outside ``[0, 1]`` extrapolates along the arc).
+        allow_unrelated: interpolate even when `b`'s weights look unrelated to `a`'s (no shared base, see
+            :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict with `b`'s keys; floating tensors in `b`'s dtype and on its device (computed on float32 or
         float64 flattened views), non-floating tensors copied from `b`.
 
     Raises:
-        SoupError: for incompatible state dicts or a `t` that is not a finite real number.
+        SoupError: for incompatible state dicts, a `t` that is not a finite real number, or (unless
+            `allow_unrelated`) `a` and `b` that do not share a base.
 
     Example:
         >>> import torch
@@ -48,6 +54,8 @@ def slerp(a: Mapping[str, Tensor], b: Mapping[str, Tensor], t: float) -> dict[st
     """
     t = check_real(t, "t")
     sa, sb = prepare([a, b], ["a", "b"])
+    if not allow_unrelated:
+        check_related(sa, [sb], ["b"], "a", derived=False)
     keys = [k for k, x in sb.items() if x.is_floating_point()]
     result = copy_non_floating(sb, [k for k, x in sb.items() if not x.is_floating_point()])
     for group, gkeys in group_keys(keys, sb, [sa, sb]).items():

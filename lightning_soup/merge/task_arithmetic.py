@@ -23,23 +23,29 @@ from lightning_soup.merge._checks import (
 )
 from lightning_soup.merge._core import batches, cast, copy_non_floating, group_keys, materialize, move, prepare
 from lightning_soup.merge._inplace import layer_weights
+from lightning_soup.merge._related import check_related
 
 __all__ = ["interpolate", "task_arithmetic", "task_vector"]
 
 
-def task_vector(finetuned: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def task_vector(
+    finetuned: Mapping[str, Tensor], base: Mapping[str, Tensor], *, allow_unrelated: bool = False
+) -> dict[str, Tensor]:
     """The task vector ``finetuned − base`` of every floating key.
 
     Args:
         finetuned: the fine-tuned state dict.
         base: the state dict it was fine-tuned from (same keys and shapes).
+        allow_unrelated: subtract even when `finetuned` does not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`).
 
     Returns:
         ``{key: finetuned[key] − base[key]}`` for the floating keys only (integer buffers have no task vector), in
         float32 (float64 when either input is float64), on `finetuned`'s device.
 
     Raises:
-        SoupError: when the keys or shapes differ (all listed).
+        SoupError: when the keys or shapes differ (all listed), or (unless `allow_unrelated`) `finetuned` does not
+            look fine-tuned from `base`.
 
     Example:
         >>> import torch
@@ -48,6 +54,8 @@ def task_vector(finetuned: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> 
         {'w': tensor([0.5000, 0.0000])}
     """
     ft, bs = prepare([finetuned, base], ["finetuned", "base"])
+    if not allow_unrelated:
+        check_related(bs, [ft], ["finetuned"], "base")
     keys = [k for k, t in ft.items() if t.is_floating_point()]
     result: dict[str, Tensor] = {}
     for group, gkeys in group_keys(keys, ft, [ft, bs]).items():
@@ -65,6 +73,8 @@ def task_arithmetic(
     base: Mapping[str, Tensor],
     task_vectors: Sequence[Mapping[str, Tensor]],
     scales: float | Sequence[float],
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """``base + Σ λᵢ τᵢ``: add (``λ > 0``) or remove (``λ < 0``) the capabilities of fine-tunes.
 
@@ -73,13 +83,16 @@ def task_arithmetic(
         task_vectors: one or more task vectors (see :func:`task_vector`), each holding exactly `base`'s floating
             keys; base's integer buffers may be absent (entries for them are ignored).
         scales: one number for every task vector, or one per task vector; any finite real.
+        allow_unrelated: add even task vectors that move `base` to an unrelated model (``base + τ`` not a
+            fine-tune of `base`, see :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict with `base`'s keys, floating tensors in `base`'s dtype and on its device (computed in
         float32 or better), non-floating tensors copied from `base`.
 
     Raises:
-        SoupError: for keys/shapes that do not match `base`, an empty `task_vectors`, or bad `scales`.
+        SoupError: for keys/shapes that do not match `base`, an empty `task_vectors`, bad `scales`, or (unless
+            `allow_unrelated`) a task vector taken against another base.
 
     Example:
         >>> import torch
@@ -93,6 +106,9 @@ def task_arithmetic(
     bs = prepare([bs], ["base"])[0]
     tvs = [materialize(check_state_dict(tv, f"task_vectors[{i}]")) for i, tv in enumerate(tvs)]
     check_task_vectors(bs, tvs)
+    if not allow_unrelated:
+        names = [f"base + task_vectors[{i}]" for i in range(len(tvs))]
+        check_related(bs, tvs, names, "base", deltas=True)
 
     keys = [k for k, t in bs.items() if t.is_floating_point()]
     result = copy_non_floating(bs, [k for k, t in bs.items() if not t.is_floating_point()])
@@ -117,6 +133,8 @@ def interpolate(
     model: Mapping[str, Tensor],
     ratio: float,
     layer_ratios: Mapping[str, float] | None = None,
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """``anchor + r·(model − anchor)``: move a fine-tune back toward its base (WiSE-FT), or past it (``r > 1``).
 
@@ -128,13 +146,16 @@ def interpolate(
         ratio: `r` for every key that matches no `layer_ratios` pattern; any finite real.
         layer_ratios: ``{fnmatch pattern over key names: r}``, first matching pattern wins, e.g.
             ``{"classifier.*": 1.0, "encoder.layer.0.*": 0.2}``. A pattern that matches no key is warned about.
+        allow_unrelated: interpolate even when `model` does not look fine-tuned from `anchor` (see
+            :mod:`lightning_soup.merge._related`), e.g. toward the random initialisation of a from-scratch run.
 
     Returns:
         A new state dict with `model`'s keys; floating tensors in `model`'s dtype and on its device (computed with
         a single rounding from float32 or better), non-floating tensors copied from `model`.
 
     Raises:
-        SoupError: for incompatible state dicts or a `ratio` / `layer_ratios` value that is not a finite real.
+        SoupError: for incompatible state dicts, a `ratio` / `layer_ratios` value that is not a finite real, or
+            (unless `allow_unrelated`) a `model` that does not look fine-tuned from `anchor`.
 
     Example:
         >>> import torch
@@ -144,6 +165,8 @@ def interpolate(
     """
     layer_weights([], ratio, layer_ratios)  # validate `ratio` and `layer_ratios` before reading anything
     an, md = prepare([anchor, model], ["anchor", "model"])
+    if not allow_unrelated:
+        check_related(an, [md], ["model"], "anchor")
     keys = [k for k, t in md.items() if t.is_floating_point()]
     if layer_ratios:
         unused = [p for p in layer_ratios if not any(fnmatch.fnmatchcase(k, p) for k in md)]

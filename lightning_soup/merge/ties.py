@@ -16,6 +16,7 @@ from torch import Tensor
 
 from lightning_soup.merge._checks import check_density, check_real, check_state_dict, check_state_dicts
 from lightning_soup.merge._core import acc_dtype, copy_non_floating, prepare
+from lightning_soup.merge._related import check_related
 
 __all__ = ["ties"]
 
@@ -25,6 +26,8 @@ def ties(
     finetuned: Sequence[Mapping[str, Tensor]],
     density: float,
     scale: float = 1.0,
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """TIES-merge fine-tunes of a common base.
 
@@ -47,13 +50,16 @@ def ties(
         finetuned: one or more fine-tuned state dicts (same keys and shapes as `base`).
         density: fraction of each task vector kept, in ``(0, 1]``; 1 keeps everything.
         scale: multiplier of the merged task vector (mergekit's ``lambda``); any finite real.
+        allow_unrelated: merge even fine-tunes that do not look fine-tuned from `base`.
 
     Returns:
         A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device (computed in
         float32 or better), non-floating tensors copied from ``finetuned[0]``.
 
     Raises:
-        SoupError: for incompatible state dicts, an empty `finetuned`, `density` outside ``(0, 1]`` or a
+        SoupError: (unless `allow_unrelated`) for a fine-tune that does not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`); for incompatible state dicts, an empty `finetuned`,
+            `density` outside ``(0, 1]`` or a
             non-finite `scale`.
 
     Example:
@@ -69,6 +75,8 @@ def ties(
     scale = check_real(scale, "scale")
     names = ["base"] + [f"finetuned[{i}]" for i in range(len(fts))]
     bs, *fts = prepare([bs, *fts], names)
+    if not allow_unrelated:
+        check_related(bs, fts, names[1:], "base")
 
     result = copy_non_floating(fts[0], [k for k, t in bs.items() if not t.is_floating_point()])
     for k, b in bs.items():

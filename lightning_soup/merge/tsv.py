@@ -32,6 +32,8 @@ def tsv_merge(
     base: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
     alpha: float = 1.0,
+    *,
+    allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """Merge fine-tunes of a common base by Task Singular Vectors (TSV-Merge).
 
@@ -51,6 +53,8 @@ def tsv_merge(
         base: the common base state dict.
         finetuned: one or more fine-tuned state dicts (same keys and shapes as `base`).
         alpha: multiplier of the merged update; any finite real (the paper tunes it on validation, ~1.0).
+        allow_unrelated: merge even fine-tunes that do not look fine-tuned from `base` (see
+            :mod:`lightning_soup.merge._related`).
 
     Returns:
         A new state dict with `base`'s keys; floating tensors in `base`'s dtype and on its device, non-floating
@@ -68,7 +72,7 @@ def tsv_merge(
         >>> torch.allclose(out["w"], torch.tensor([[2.0, 0.0], [0.0, 4.0]]), atol=1e-6), out["b"]
         (True, tensor([0.5000, 1.5000]))
     """
-    return merge_state_dicts(base, finetuned, tsv_delta, alpha)
+    return merge_state_dicts(base, finetuned, tsv_delta, alpha, allow_unrelated=allow_unrelated)
 
 
 def tsv_delta(taus: Tensor) -> Tensor:
