@@ -7,6 +7,8 @@ Llama-style embedding, attention and MLP matrices, norms), and times, best of ``
 * ``uniform_soup([A, B, C])``;
 * ``interpolate(A, B, 0.3)``;
 * ``task_arithmetic(A, [B, C], [0.5, -0.3])``;
+* the relatedness check those functions run first by default (``merge._related``: B and C against A), timed apart:
+  the inputs here are independent random draws, so the merges themselves run with ``allow_unrelated=True``;
 * for reference, the floor's add written into preallocated outputs (no allocation, no page faults).
 
 Every operation must read each input once and write one fresh output, so its floor time is its bytes touched
@@ -32,6 +34,7 @@ from pathlib import Path
 import torch
 
 from lightning_soup.merge import interpolate, task_arithmetic, uniform_soup
+from lightning_soup.merge._related import Relatedness
 
 
 def layout(size_gb: float, hidden: int = 2048) -> dict[str, tuple[int, ...]]:
@@ -83,6 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     la, lb = list(a.values()), list(b.values())
     prealloc = [torch.empty_like(t) for t in la]
 
+    def relatedness() -> None:
+        rel = Relatedness(["B", "C"], "A")
+        for k, t in a.items():
+            rel.update(k, t, [b[k], c[k]])
+        rel.relations()
+
     def add_into_existing() -> None:
         for x, y, o in zip(la, lb, prealloc):
             torch.add(x, y, out=o)
@@ -90,9 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     # name -> (callable, bytes it must touch: every input read once + one output written)
     ops: dict[str, tuple[Callable[[], object], int]] = {
         "floor: _foreach_add(A, B)": (lambda: torch._foreach_add(la, lb), 3 * model_bytes),
-        "uniform_soup(3 models)": (lambda: uniform_soup([a, b, c]), 4 * model_bytes),
-        "interpolate(A, B, 0.3)": (lambda: interpolate(a, b, 0.3), 3 * model_bytes),
-        "task_arithmetic(2 vectors)": (lambda: task_arithmetic(a, [tv_b, tv_c], [0.5, -0.3]), 4 * model_bytes),
+        "uniform_soup(3 models)": (lambda: uniform_soup([a, b, c], allow_unrelated=True), 4 * model_bytes),
+        "interpolate(A, B, 0.3)": (lambda: interpolate(a, b, 0.3, allow_unrelated=True), 3 * model_bytes),
+        "task_arithmetic(2 vectors)": (
+            lambda: task_arithmetic(a, [tv_b, tv_c], [0.5, -0.3], allow_unrelated=True),
+            4 * model_bytes,
+        ),
+        # reads the three models once and writes nothing: its floor is 3 models' bytes
+        "relatedness check (B, C vs A)": (relatedness, 3 * model_bytes),
         # for reference only: the same add without allocating outputs (on CPU, first-touch page faults of fresh
         # outputs cost more than the arithmetic; every merge function returns fresh tensors, so pays them too)
         "(add into existing outputs)": (add_into_existing, 3 * model_bytes),
