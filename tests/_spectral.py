@@ -69,9 +69,13 @@ def svd(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def polar(x: np.ndarray) -> np.ndarray:
-    """The orthogonal polar factor, from SciPy (independent of the SVD route the code takes)."""
-    u, _ = scipy.linalg.polar(x, side="right")
-    return u
+    """The orthogonal polar factor, from SciPy (independent of the SVD route the code takes); for a rank-deficient
+    `x`, the unique partial isometry on its range (the pairs of zero singular values left out)."""
+    p, s, qh = svd(x)
+    keep = s > np.finfo(np.float64).eps * max(x.shape) * s.max(initial=0.0)
+    if keep.all():
+        return scipy.linalg.polar(x, side="right")[0]
+    return (p * keep) @ qh
 
 
 def assert_close(out: Tensor, ref: np.ndarray, base: Tensor, rtol: float, key: str = "") -> None:
@@ -87,6 +91,11 @@ def assert_close(out: Tensor, ref: np.ndarray, base: Tensor, rtol: float, key: s
 # ------------------------------------------------------------- the papers' formulas in float64 (Δ of one tensor)
 
 
+def nonzero(s: np.ndarray, m: int, n: int, scale: float | None = None) -> np.ndarray:
+    """Singular values that are not numerically zero (NumPy's matrix_rank rule); the others' vectors are arbitrary."""
+    return s > np.finfo(np.float64).eps * max(m, n) * (s.max(initial=0.0) if scale is None else scale)
+
+
 def ref_tsv(taus: list[np.ndarray]) -> np.ndarray:
     """Δ of TSV-Merge in float64: top-k of each τᵢ side by side, U and Vh orthogonalised, S kept."""
     if taus[0].ndim != 2:
@@ -94,9 +103,10 @@ def ref_tsv(taus: list[np.ndarray]) -> np.ndarray:
     m, n = taus[0].shape
     k = max(1, min(m, n) // len(taus))
     parts = [svd(tau) for tau in taus]
-    u = np.concatenate([p[0][:, :k] for p in parts], axis=1)
-    s = np.concatenate([p[1][:k] for p in parts])
-    vh = np.concatenate([p[2][:k] for p in parts], axis=0)
+    keep = [nonzero(p[1], m, n)[:k] for p in parts]  # a rank below k: the null directions are left out
+    u = np.concatenate([p[0][:, :k] * kp for p, kp in zip(parts, keep)], axis=1)
+    s = np.concatenate([p[1][:k] * kp for p, kp in zip(parts, keep)])
+    vh = np.concatenate([p[2][:k] * kp[:, None] for p, kp in zip(parts, keep)], axis=0)
     return polar(u) @ np.diag(s) @ polar(vh)
 
 
@@ -105,7 +115,7 @@ def ref_iso_c(taus: list[np.ndarray]) -> np.ndarray:
     if taus[0].ndim != 2:
         return np.mean(taus, axis=0)
     u, s, vh = svd(np.sum(taus, axis=0))
-    return s.mean() * u @ vh
+    return s.mean() * (u * nonzero(s, *u.shape[:1], vh.shape[1])) @ vh
 
 
 def ref_sizes(r: int, tasks: int, fraction: float) -> tuple[int, int]:
@@ -118,14 +128,20 @@ def ref_iso_cts(taus: list[np.ndarray], fraction: float) -> np.ndarray:
     """Δ of Iso-CTS in float64, following the paper's reference code (common space, then task-specific parts)."""
     if taus[0].ndim != 2:
         return np.mean(taus, axis=0)
-    kc, s = ref_sizes(min(taus[0].shape), len(taus), fraction)
+    m, n = taus[0].shape
+    kc, s = ref_sizes(min(m, n), len(taus), fraction)
     u, sv, vh = svd(np.sum(taus, axis=0))
-    us, ss, vhs = [], [], []
-    for tau in taus:
-        ut, st, vht = svd(tau - u[:, :kc] @ u[:, :kc].T @ tau)
-        us.append(ut[:, :s]), ss.append(st[:s]), vhs.append(vht[:s])
-    us, ss, vhs = us + [u[:, :kc]], ss + [sv[:kc]], vhs + [vh[:kc]]
-    return np.concatenate(ss).mean() * polar(np.concatenate(us, 1)) @ polar(np.concatenate(vhs, 0))
+    keep_c = nonzero(sv, m, n)
+    if s == 0:
+        return sv.mean() * (u * keep_c) @ vh
+    uc = u[:, :kc] * keep_c[:kc]
+    parts = [svd(tau - uc @ uc.T @ tau) for tau in taus]
+    scale = max(sv[0], max(p[1][0] for p in parts))
+    keep = np.concatenate([nonzero(p[1], m, n, scale)[:s] for p in parts] + [keep_c[:kc]])
+    us = np.concatenate([p[0][:, :s] for p in parts] + [uc], 1) * keep
+    vhs = np.concatenate([p[2][:s] for p in parts] + [vh[:kc]], 0) * keep[:, None]
+    ss = np.concatenate([p[1][:s] for p in parts] + [sv[:kc]])
+    return ss.mean() * (polar(us) * keep) @ polar(vhs)
 
 
 def ref_model_stock(base: np.ndarray, fts: list[np.ndarray]) -> np.ndarray:

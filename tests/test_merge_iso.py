@@ -141,3 +141,20 @@ def test_iso_cts_bad_arguments(kwargs: dict, fragment: str) -> None:
     base, fts = make_inputs(7)
     with pytest.raises(SoupError, match=fragment):
         iso_cts(**{"base": base, "finetuned": fts, **kwargs})
+
+
+@pytest.mark.parametrize("fraction", [None, 0.8, 0.5, 0.0])
+def test_low_rank_task_vectors_have_one_merge(fraction) -> None:
+    # LoRA-like rank-2 updates: the sum has rank 6 < 20, the projected task vectors are ~0; the arbitrary null
+    # directions LAPACK returns are left out, so the result is the float64 reference built without them
+    g = torch.Generator().manual_seed(8)
+    base = {"w": torch.randn(24, 20, generator=g, dtype=torch.float64)}
+    fts = [{"w": base["w"] + torch.randn(24, 2, generator=g, dtype=torch.float64)
+            @ torch.randn(2, 20, generator=g, dtype=torch.float64)} for _ in range(T)]
+    taus = taus_of(base, fts, "w")
+    if fraction is None:
+        out, ref = iso_c(base, fts)["w"], ref_iso_c(taus)
+    else:
+        out, ref = iso_cts(base, fts, common_fraction=fraction)["w"], ref_iso_cts(taus, fraction)
+    np.testing.assert_allclose(np64(out), np64(base["w"]) + ref, rtol=0, atol=1e-10)
+    assert np.linalg.matrix_rank(np64(out) - np64(base["w"]), tol=1e-8) == 6

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from _spectral import MATRICES, SHAPES, T, assert_close, make_inputs, np64, ref_tsv, svd, taus_of
+from _spectral import MATRICES, SHAPES, T, assert_close, make_inputs, np64, polar, ref_tsv, svd, taus_of
 
 from lightning_soup import SoupError
 from lightning_soup.merge import task_arithmetic, tsv_merge
@@ -113,3 +113,21 @@ def test_update_has_the_concatenated_singular_values(key: str) -> None:
     k = min(m, n) // T
     kept = np.sort(np.concatenate([svd(t)[1][:k] for t in taus_of(base, fts, key)]))[::-1]
     np.testing.assert_allclose(svd(delta)[1][: T * k], kept, rtol=1e-10)
+
+
+def test_low_rank_task_vectors_have_one_merge() -> None:
+    # LoRA-like rank-2 updates with k = 20 // 3 = 6: the top-6 of each holds 4 arbitrary null directions, which
+    # would sway the orthogonalisation at random; they are left out, giving the rank-2-per-task merge exactly
+    g = torch.Generator().manual_seed(9)
+    base = {"w": torch.randn(24, 20, generator=g, dtype=torch.float64)}
+    factors = [
+        (torch.randn(24, 2, generator=g, dtype=torch.float64), torch.randn(2, 20, generator=g, dtype=torch.float64))
+        for _ in range(T)
+    ]
+    fts = [{"w": base["w"] + b @ a} for b, a in factors]
+    out = np64(tsv_merge(base, fts)["w"]) - np64(base["w"])
+    parts = [svd(np64(b @ a)) for b, a in factors]
+    u = np.concatenate([p[0][:, :2] for p in parts], 1)
+    vh = np.concatenate([p[2][:2] for p in parts], 0)
+    expected = polar(u) @ np.diag(np.concatenate([p[1][:2] for p in parts])) @ polar(vh)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=1e-10)

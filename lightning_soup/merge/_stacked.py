@@ -85,14 +85,29 @@ def is_matrix(taus: Tensor) -> bool:
     return taus.ndim == 3 and taus.shape[1] > 0 and taus.shape[2] > 0
 
 
+def significant(s: Tensor, m: int, n: int, scale: Tensor | None = None) -> Tensor:
+    """Which singular values are not numerically zero: ``s > eps·max(m, n)·scale`` (NumPy's ``matrix_rank`` rule).
+
+    `scale` defaults to the largest value of each row of `s`. The singular vectors of a numerically zero singular
+    value are an arbitrary basis of a null space (LAPACK's choice, device dependent): every formula here keeps them
+    out, so that a low-rank task vector (a LoRA update merged into dense weights) has one well-defined merge.
+    """
+    ref = s.amax(-1, keepdim=True) if scale is None else scale
+    return s > torch.finfo(s.dtype).eps * max(m, n) * ref
+
+
 def polar(x: Tensor) -> Tensor:
     """The orthogonal polar factor ``P @ Qh`` of ``x = P·Σ·Qh`` (reduced SVD), batched over leading dimensions.
 
     It is the semi-orthogonal matrix nearest to `x` in Frobenius norm (orthonormal columns when `x` is tall,
-    orthonormal rows when it is wide): TSV's "orthogonalisation" of the concatenated singular vectors.
+    orthonormal rows when it is wide): TSV's "orthogonalisation" of the concatenated singular vectors. When `x` is
+    rank-deficient (zeroed null directions, or directions of several tasks that span fewer dimensions than their
+    count) the pairs of numerically zero ``Σ`` are left out: the unique partial isometry on `x`'s range, where
+    ``P @ Qh`` would add an arbitrary (device-dependent) map between the null spaces.
     """
-    p, _, qh = torch.linalg.svd(x, full_matrices=False)
-    return p @ qh
+    p, sigma, qh = torch.linalg.svd(x, full_matrices=False)
+    m, n = x.shape[-2:]
+    return (p * significant(sigma, m, n).unsqueeze(-2)) @ qh
 
 
 def polar_pair(u: Tensor, vh: Tensor) -> tuple[Tensor, Tensor]:

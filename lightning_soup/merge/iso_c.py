@@ -19,7 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_soup.merge._stacked import is_matrix, merge_state_dicts
+from lightning_soup.merge._stacked import is_matrix, merge_state_dicts, significant
 
 __all__ = ["iso_c"]
 
@@ -39,6 +39,9 @@ def iso_c(
       returned as `base`'s values.
     - **Any T** (including ``T > min(m, n)`` and one fine-tune): one SVD of the ``m × n`` sum, nothing depends on
       T but the sum; ``mean(S)`` averages all ``min(m, n)`` singular values, zeros included, as the paper does.
+    - **Rank-deficient sum** (low-rank task vectors, e.g. LoRA updates merged into dense weights): the singular
+      vectors of numerically zero singular values (``σ ≤ eps·max(m, n)·σ₁``) are an arbitrary basis of the null
+      space and are left out of ``U @ Vh``; ``mean(S)`` still averages all ``min(m, n)`` values.
     - **bf16 / fp16 inputs**: the task vectors and the SVD are float32 (float64 when any input is float64); the
       result is rounded once into `base`'s dtype. The SVD runs on `base`'s device.
 
@@ -70,5 +73,7 @@ def iso_c_delta(taus: Tensor) -> Tensor:
     """Iso-C's ``Δ`` of one tensor from its stacked task vectors ``taus`` (``T × shape``, float32/64)."""
     if not is_matrix(taus):
         return taus.mean(0)
+    _, m, n = taus.shape
     u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
-    return (u @ vh).mul_(s.mean())
+    # directions of numerically zero singular values are arbitrary (a rank-deficient sum): left out
+    return ((u * significant(s, m, n)) @ vh).mul_(s.mean())

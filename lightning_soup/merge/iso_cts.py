@@ -27,7 +27,14 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lightning_soup.merge._stacked import check_fraction, concat_top, is_matrix, merge_state_dicts, polar_pair
+from lightning_soup.merge._stacked import (
+    check_fraction,
+    concat_top,
+    is_matrix,
+    merge_state_dicts,
+    polar_pair,
+    significant,
+)
 
 __all__ = ["iso_cts"]
 
@@ -50,6 +57,9 @@ def iso_cts(
       the common subspace is the whole rank budget and the result is exactly :func:`~lightning_soup.merge.iso_c`.
       The reference code's rounding could ask for more task directions than the rank (``r = 2``, ``T = 3``,
       ``f = 0``); the cap ``s ≤ ⌊r/T⌋`` prevents that.
+    - **Low-rank task vectors** (e.g. LoRA updates merged into dense weights): directions whose singular value is
+      numerically zero (``σ ≤ eps·max(m, n)·σ₁``) are an arbitrary basis of a null space; they are zeroed before
+      the orthogonalisation and left out of ``Δ`` (their σ still count in the mean), so the result is well defined.
     - **bf16 / fp16 inputs**: the task vectors and every SVD are float32 (float64 when any input is float64);
       the result is rounded once into `base`'s dtype. The SVDs run on `base`'s device.
 
@@ -100,12 +110,15 @@ def iso_cts_delta(taus: Tensor, common_fraction: float) -> Tensor:
     t, m, n = taus.shape
     kc, s = subspace_sizes(min(m, n), t, common_fraction)
     u, sv, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    keep_c = significant(sv, m, n)  # numerically null directions are arbitrary: kept out of every product
     if s == 0:  # the common subspace is everything: Iso-C (U and Vh are already orthonormal)
-        return (u @ vh).mul_(sv.mean())
-    uc, sc, vhc = u[:, :kc], sv[:kc], vh[:kc]
+        return ((u * keep_c) @ vh).mul_(sv.mean())
+    uc, sc, vhc, keep_c = u[:, :kc] * keep_c[:kc], sv[:kc], vh[:kc], keep_c[:kc]
     specific = taus - uc @ (uc.mT @ taus)  # (T, m, n): each τᵢ without its component in the common subspace
     ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
     del specific
+    keep_t = significant(st, m, n, scale=sv[:1].maximum(st[:, 0].amax()))[:, :s].reshape(t * s)
     ut, st, vht = concat_top(ut, st, vht, s)  # (m, Ts), (Ts,), (Ts, n)
-    u, vh = polar_pair(torch.cat((ut, uc), 1), torch.cat((vht, vhc), 0))  # (m, r), (r, n)
-    return (u @ vh).mul_(torch.cat((st, sc)).mean())
+    keep = torch.cat((keep_t, keep_c))
+    u, vh = polar_pair(torch.cat((ut, uc), 1) * keep, torch.cat((vht, vhc), 0) * keep[:, None])  # (m, r), (r, n)
+    return ((u * keep) @ vh).mul_(torch.cat((st, sc)).mean())
