@@ -394,3 +394,32 @@ def test_resume_ends_like_an_uninterrupted_run(tmp_path: Path, case: str) -> Non
         assert set(full) == set(resumed)
         for k in full:
             assert torch.allclose(full[k].double(), resumed[k].double(), atol=1e-6), (name, k)
+
+
+class WithBackbone(Compiled):
+    """``backbone`` + ``head``, for Lightning's ``BackboneFinetuning`` (frozen at fit start, unfrozen later)."""
+
+    def __init__(self) -> None:
+        super().__init__(compiled=False)
+        self.backbone, self.head = self.net[:3], self.net[3:]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1)
+
+
+def test_parameters_unfrozen_during_fit_keep_their_trained_values_with_a_warning(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = WithBackbone()
+    callbacks = [pl.callbacks.BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0),
+                 CheckpointAveraging(window=3, verbose=False),
+                 GreedySoup(monitor="val/loss", mode="min", verbose=False),
+                 TaskArithmeticBlend(anchor="initial", ratio=0.5)]
+    with pytest.warns(UserWarning, match="became trainable after the soup callbacks started"):
+        fit(tmp_path, model, callbacks, max_epochs=3)
+    final = load_file(str(tmp_path / "soup" / "final.safetensors"))
+    for name in ("average", "soup", "blended"):  # written, complete, and the unfrozen backbone as trained
+        state = load_file(str(tmp_path / "soup" / f"{name}.safetensors"))
+        assert set(state) == set(model.state_dict()), name
+        assert torch.equal(state["net.0.weight"], final["net.0.weight"]), name
+    assert not torch.equal(load_file(str(tmp_path / "soup" / "blended.safetensors"))["net.3.weight"],
+                           final["net.3.weight"])  # the head, trainable throughout, is blended

@@ -18,7 +18,7 @@ import torch
 
 from lightning_soup import storage
 from lightning_soup.callbacks._dist import check_strategy, is_sharded, print_on_rank_zero, warn_on_rank_zero, world_size
-from lightning_soup.callbacks._tensors import module_tensors, write_module_weights
+from lightning_soup.callbacks._tensors import forget_kept_keys, module_tensors, write_module_weights
 from lightning_soup.errors import SoupError
 
 _SCRATCH = "_lightning_soup"  # per-trainer attribute shared by every soup callback of one fit
@@ -51,6 +51,8 @@ class SoupCallback:
         scratch = trainer.__dict__.setdefault(_SCRATCH, {})
         for key in ("final", "train_end_skipped"):
             scratch.pop(key, None)
+        if getattr(trainer, "lightning_module", None) is not None:
+            forget_kept_keys(trainer.lightning_module)  # what training changes is fixed anew for this fit
         path = self.dirpath_for(trainer)
         problem = None
         if trainer.is_global_zero:

@@ -258,12 +258,14 @@ def read_local_shards(
     return out
 
 
-def broadcast_module_(trainer: Any, pl_module: Any) -> None:
+def broadcast_module_(trainer: Any, pl_module: Any, kept_only: bool = False) -> None:
     """Give every rank global rank zero's module weights. Every rank calls it.
 
-    Replicated modules (DDP): every entry, one broadcast per tensor. Sharded modules (FSDP2): the shards are each
-    rank's own, so only the entries that are not DTensors (buffers such as BatchNorm statistics, which FSDP2 does
-    not synchronise) are broadcast, so that every rank ends with what rank zero writes. A no-op on one process.
+    Replicated modules (DDP): every entry, one broadcast per tensor (tied weights once). Sharded modules (FSDP2):
+    the shards are each rank's own, so only the entries that are not DTensors (buffers such as BatchNorm
+    statistics, which FSDP2 does not synchronise) are broadcast, so that every rank ends with what rank zero
+    writes. With ``kept_only`` only what training changes is sent (the callbacks never change frozen parameters,
+    so those are equal on every rank already). A no-op on one process.
     """
     if world_size(trainer) <= 1:
         return
@@ -271,9 +273,10 @@ def broadcast_module_(trainer: Any, pl_module: Any) -> None:
         return
     from lightning_soup.callbacks._tensors import canonical_key, kept_keys, unique_tensors
 
-    # What training changes, each storage once (tied weights); frozen parameters are equal on every rank already.
-    keep = kept_keys(pl_module)
-    state = {k: v for k, v in pl_module.state_dict().items() if canonical_key(k) in keep}
+    state = pl_module.state_dict()
+    if kept_only:
+        keep = kept_keys(pl_module)
+        state = {k: v for k, v in state.items() if canonical_key(k) in keep}
     with torch.no_grad():
         for value in unique_tensors(state).values():
             if not _is_dtensor(value):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,11 +95,41 @@ def unique_tensors(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+_KEPT = "_lightning_soup_kept"  # the module's kept keys for the current fit (see kept_keys)
+
+
 def kept_keys(pl_module: Any) -> set[str]:
-    """Canonical keys of what training changes: parameters with ``requires_grad=True``, and every buffer."""
+    """Canonical keys of what training changes: parameters with ``requires_grad=True``, and every buffer.
+
+    Fixed for a fit at its first use (:func:`forget_kept_keys` at setup starts afresh), so that every snapshot,
+    ingredient and anchor of one fit holds the same entries. A parameter unfrozen later in the fit (e.g. by
+    ``BackboneFinetuning``) is not kept — it takes its trained value in every result — and is warned about once.
+    """
     trainable = {n for n, p in pl_module.named_parameters(remove_duplicate=False) if p.requires_grad}
     buffers = {n for n, b in pl_module.named_buffers(remove_duplicate=False) if b is not None}
-    return {canonical_key(k) for k in trainable | buffers}
+    current = {canonical_key(k) for k in trainable | buffers}
+    cached = pl_module.__dict__.get(_KEPT)
+    if cached is None:
+        pl_module.__dict__[_KEPT] = (current, False)
+        return current
+    kept, warned = cached
+    new = sorted(current - kept)
+    if new and not warned:
+        pl_module.__dict__[_KEPT] = (kept, True)
+        if getattr(pl_module, "global_rank", 0) == 0:
+            warnings.warn(
+                f"{len(new)} parameters became trainable after the soup callbacks started keeping weights (frozen "
+                f"then): {new[:5]}{' ...' if len(new) > 5 else ''}. Averages, soups and blends keep them at their "
+                "trained values. Unfreeze before fit starts to have them merged.",
+                UserWarning,
+                stacklevel=2,
+            )
+    return kept
+
+
+def forget_kept_keys(pl_module: Any) -> None:
+    """Start a new fit's kept set (the callbacks call it at setup)."""
+    pl_module.__dict__.pop(_KEPT, None)
 
 
 def kept_tensors(pl_module: Any) -> dict[str, Tensor]:

@@ -506,7 +506,7 @@ class _CheckpointAveraging(_base.SoupCallback):
                 problem, error = f"CheckpointAveraging could not compute the average: {e}", e
         # Every rank learns whether every owner succeeded before entering the next collective, so none waits forever.
         _dist.raise_on_every_rank(trainer, problem, error)
-        _dist.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module, kept_only=True)
         if self._lora_error is not None:
             self.recipe["lora_relative_error"] = self._lora_error  # rank zero's: the one that writes
         self.average_path = _tensors.write_module_weights(trainer, pl_module, dirpath / _AVERAGE_FILE, self.recipe)
@@ -609,7 +609,8 @@ class _CheckpointAveraging(_base.SoupCallback):
                 floats = [live[k] for k in self._store.float_keys]
                 self._store.weighted_mean_into_(floats, names, weights, newest_is_out=True)
                 self._lora_mean_into_(live)
-            _dist.broadcast_module_(trainer, pl_module)  # the other ranks keep no sum: they validate rank zero's
+            # the other ranks keep no sum: they validate rank zero's
+            _dist.broadcast_module_(trainer, pl_module, kept_only=True)
             metrics = _evaluate.evaluate(trainer, pl_module)
         for name, value in metrics.items():
             pl_module.log(

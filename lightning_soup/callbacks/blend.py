@@ -304,7 +304,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
                 blend_(self.ratios[0], theta)
             del theta
         del anchor
-        _dist.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module, kept_only=True)
 
         self.result = self._summary(rows, index, met)
         if pairs:

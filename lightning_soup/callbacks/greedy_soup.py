@@ -405,7 +405,7 @@ class _GreedySoup(_base.SoupCallback):
         del soup
         # Every rank computed the same soup; rank zero's copy settles any last-bit difference between hosts, and
         # under FSDP2 gives every rank rank zero's buffers (FSDP2 does not synchronise them).
-        _dist.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module, kept_only=True)
         tried = []
         for step in recipe:
             entry = kept[step["index"]]
@@ -451,7 +451,8 @@ class _GreedySoup(_base.SoupCallback):
                         n = len(members)
                         entry["lora_relative_error"] = combine_into_(live, members, [1.0 / n] * n).relative_error
             if not _dist.keeps_state_per_rank(trainer, pl_module):
-                _dist.broadcast_module_(trainer, pl_module)  # DDP: rank zero alone holds the soup
+                # DDP: rank zero alone holds the soup
+                _dist.broadcast_module_(trainer, pl_module, kept_only=True)
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
             candidate = float(trainer.strategy.broadcast(local, src=0))
         # The raw training weights are back in the module.
@@ -506,7 +507,7 @@ class _GreedySoup(_base.SoupCallback):
                     members = _members(stored, n, factor_keys)
                     self._lora_error = combine_into_(live, members, [1.0 / n] * n).relative_error
             del stored
-        _dist.broadcast_module_(trainer, pl_module)
+        _dist.broadcast_module_(trainer, pl_module, kept_only=True)
         self.soup_score = soup["score"]
         tried = [dict(e) for e in self._entries if e["status"] in ("accepted", "rejected", "restarted")]
         start = max(i for i, e in enumerate(tried) if e["status"] == "restarted") if any(
