@@ -179,3 +179,99 @@ def test_plain_inputs_still_need_a_safetensors_output(
     assert (tmp_path / "x.safetensors").is_file()
     assert main(["average", str(a), str(b), "-o", str(tmp_path / "y.safetensors"), "--config-from",
                  str(folders["base"])]) == 2
+
+
+# ------------------------------------------------------------------------------------------------ PEFT adapters
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def adapters(folders: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two separate LoRA runs (r=4, alpha=8, different seeds) on the base, saved as PEFT adapter folders."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for i in range(2):
+        torch.manual_seed(100 + i)
+        model = transformers.GPT2LMHeadModel.from_pretrained(folders["base"])
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+        model = peft.get_peft_model(model, config)
+        with torch.no_grad():  # a trained adapter: B away from its zero init
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.02)
+        model.save_pretrained(root / f"ad{i}")
+        out[f"ad{i}"] = root / f"ad{i}"
+    return out
+
+
+def _delta_w(sd: dict[str, torch.Tensor], module: str, scaling: float) -> torch.Tensor:
+    """scaling · B @ A in float64, transposed to the Conv1D weight's in×out layout (fan_in_fan_out)."""
+    a = sd[f"base_model.model.{module}.lora_A.weight"].double()
+    b = sd[f"base_model.model.{module}.lora_B.weight"].double()
+    return (scaling * b @ a).T
+
+
+def _modules(sd: dict[str, torch.Tensor]) -> list[str]:
+    return [k.removeprefix("base_model.model.").removesuffix(".lora_A.weight") for k in sd if ".lora_A." in k]
+
+
+def test_average_of_adapters_is_an_adapter_folder_with_its_rank_r_error(
+    folders: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from lightning_soup.storage import read_recipe
+
+    out = tmp_path / "avg"
+    assert main(["average", str(adapters["ad0"]), str(adapters["ad1"]), "-o", str(out), "-q"]) == 0
+    assert {"adapter_model.safetensors", "adapter_config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    ins = [load_file(adapters[f"ad{i}"] / "adapter_model.safetensors") for i in range(2)]
+    got = load_file(out / "adapter_model.safetensors")
+    err2 = norm2 = 0.0
+    for module in _modules(ins[0]):
+        exact = (_delta_w(ins[0], module, 2.0) + _delta_w(ins[1], module, 2.0)) / 2
+        # the best rank-4 approximation of the exact mean ΔW (Eckart–Young), computed here independently
+        u, s, vh = torch.linalg.svd(exact, full_matrices=False)
+        best = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
+        mine = _delta_w(got, module, 2.0)
+        torch.testing.assert_close(mine, best, rtol=0, atol=1e-5 * float(exact.abs().max()))
+        # averaging the factors instead is further from the exact mean
+        factors = {k: (ins[0][k].double() + ins[1][k].double()) / 2 for k in ins[0]}
+        assert float((_delta_w(factors, module, 2.0) - exact).norm()) > float((mine - exact).norm())
+        err2 += float((mine - exact).norm() ** 2)
+        norm2 += float(exact.norm() ** 2)
+    recipe = read_recipe(out / "adapter_model.safetensors")
+    assert recipe["function"] == "lightning_soup.merge.lora_weighted_average"
+    assert recipe["lora"]["lora_relative_error"] == pytest.approx((err2 / norm2) ** 0.5, rel=1e-4)
+    # it loads into the PEFT model, and that model's merged weights are base + ΔW of the output
+    base = transformers.GPT2LMHeadModel.from_pretrained(folders["base"])
+    model = peft.PeftModel.from_pretrained(base, out)
+    merged = model.merge_and_unload().state_dict()
+    w0 = _weights(folders["base"])
+    for module in _modules(got):
+        ref = w0[f"{module}.weight"].double() + _delta_w(got, module, 2.0)
+        torch.testing.assert_close(merged[f"{module}.weight"].double(), ref, rtol=0, atol=1e-5)
+
+
+def test_merge_into_gives_the_exact_dense_model_folder(
+    folders: dict[str, Path], adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "dense"
+    argv = ["average", str(adapters["ad0"]), str(adapters["ad1"]), "--merge-into", str(folders["base"]),
+            "-o", str(out), "-q"]
+    assert main(argv) == 0, capsys.readouterr().err
+    ins = [load_file(adapters[f"ad{i}"] / "adapter_model.safetensors") for i in range(2)]
+    w0 = {k: v.double() for k, v in _weights(folders["base"]).items()}
+    ref = dict(w0)
+    for module in _modules(ins[0]):
+        key = f"{module}.weight"
+        ref[key] = w0[key] + (_delta_w(ins[0], module, 2.0) + _delta_w(ins[1], module, 2.0)) / 2
+    _check_loads_and_generates(out, ref)  # config and tokenizer came from BASE
+
+
+def test_adapters_refuse_what_factors_cannot_do(
+    adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["ties", "--base", str(adapters["ad0"]), str(adapters["ad1"]), "--density", "0.5", "-o", str(tmp_path / "t")]
+    assert main(argv) == 1
+    assert "--merge-into BASE" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -210,6 +210,13 @@ def _common(p: argparse.ArgumentParser, *, writes: bool) -> None:
             "the dtype of the tensor each result replaces)",
         )
         out.add_argument(
+            "--merge-into",
+            default=None,
+            metavar="BASE",
+            help="inputs that are PEFT LoRA adapter folders become dense weights BASE + scaling·B·A first (exact); "
+            "without it, adapters are merged as adapters (average, blend, task-arithmetic) into an adapter folder",
+        )
+        out.add_argument(
             "--config-from",
             default=None,
             metavar="PATH",
@@ -409,7 +416,11 @@ def _check_usage(args: argparse.Namespace) -> None:
     sub: argparse.ArgumentParser = args._parser
     output = getattr(args, "output", None)
     if output is not None:
-        model_folders = args.config_from is not None or any(_is_model_folder(p) for p in input_paths(args))
+        model_folders = (
+            args.config_from is not None
+            or args.merge_into is not None
+            or any(_is_model_folder(p) or _is_adapter_folder(p) for p in input_paths(args))
+        )
         if args.shard_size is None and not output.endswith(".safetensors") and not model_folders:
             sub.error(
                 f"-o {output}: the output file must end in .safetensors (or pass --shard-size for a folder; Hugging "
@@ -438,6 +449,12 @@ def input_paths(args: argparse.Namespace) -> list[str]:
     firsts = [getattr(args, n, None) for n in ("base", "anchor", "a", "model", "b")]
     rest = [*(getattr(args, "inputs", None) or []), *(getattr(args, "finetuned", None) or [])]
     return [p for p in firsts if isinstance(p, str)] + list(rest)
+
+
+def _is_adapter_folder(path: str) -> bool:
+    from lightning_soup.cli.adapters import is_adapter_folder
+
+    return is_adapter_folder(path)
 
 
 def _is_model_folder(path: str) -> bool:

@@ -42,6 +42,7 @@ COPIED = (
     "chat_template.json",
     "preprocessor_config.json",
     "processor_config.json",
+    "adapter_config.json",
 )
 CARD = "README.md"
 WEIGHTS = "model.safetensors"
@@ -75,7 +76,14 @@ def config_source(config_from: str | None, inputs: Sequence[str]) -> Path | None
 
 @contextlib.contextmanager
 def model_folder(
-    output: Path, source: Path, *, sharded: bool, recipe: dict[str, Any], dtype: str = "keep", overwrite: bool = False
+    output: Path,
+    source: Path,
+    *,
+    sharded: bool,
+    recipe: dict[str, Any],
+    dtype: str = "keep",
+    overwrite: bool = False,
+    weights_name: str = WEIGHTS,
 ) -> Iterator[Path]:
     """Build the model folder ``output``; yields where the weights go (a file, or a folder to shard into).
 
@@ -89,7 +97,7 @@ def model_folder(
     staging = _atomic.new_temp_path(output)
     try:
         staging.mkdir(parents=True)
-        weights = staging / (".shards" if sharded else WEIGHTS)
+        weights = staging / (".shards" if sharded else weights_name)
         yield weights
         if sharded:
             for child in weights.iterdir():
@@ -98,7 +106,7 @@ def model_folder(
         for name in COPIED:
             if (source / name).is_file():
                 shutil.copyfile(source / name, staging / name)
-        if dtype != "keep":
+        if dtype != "keep" and (staging / CONFIG).is_file():
             _set_dtype(staging / CONFIG, dtype)
         (staging / CARD).write_text(model_card(output.name, recipe, source), encoding="utf-8")
         _atomic.fsync_tree(staging)

@@ -149,13 +149,19 @@ def check_mergeable_dtypes(inputs: Sequence[Input]) -> None:
 
 
 def open_inputs(
-    stack: contextlib.ExitStack, paths: Sequence[tuple[str, str]], prefix: str | None, *, merging: bool = True
+    stack: contextlib.ExitStack,
+    paths: Sequence[tuple[str, str]],
+    prefix: str | None,
+    *,
+    merging: bool = True,
+    opener: Callable[[str], Any] = storage.open_state_dict,
 ) -> list[Input]:
     """Open every ``(role, path)`` lazily (headers only), closing them with ``stack``.
 
     Args:
         merging: the command merges the inputs, so dtypes no merge can handle are refused
             (:func:`check_mergeable_dtypes`); ``inspect`` passes False.
+        opener: opens one path as a lazy state dict (``--merge-into`` reads adapter folders as dense models).
 
     Raises:
         SoupError: an input is missing, corrupt, truncated, not a regular file, or a ``.ckpt`` without a state dict
@@ -164,7 +170,7 @@ def open_inputs(
     """
     inputs = []
     for role, path in paths:
-        lazy = stack.enter_context(storage.open_state_dict(path))
+        lazy = stack.enter_context(opener(path))
         inputs.append(Input(path, role, lazy, prefix or ""))
     stem = normalise_prefix(prefix)
     if stem and not any(i.prefix for i in inputs):

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_soup import storage
-from lightning_soup.cli import hf, input_paths
+from lightning_soup.cli import adapters, hf, input_paths
 from lightning_soup.cli.io import (
     Input,
     Progress,
@@ -296,11 +296,16 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
     device = device_of(args.device)
     output = Path(args.output).expanduser()
     plan = make_plan(args)
-    source = None if args.output.endswith(".safetensors") else hf.config_source(args.config_from, input_paths(args))
+    merge_into = args.merge_into
+    if merge_into is None and any(adapters.is_adapter_folder(p) for p in input_paths(args)):
+        return adapters.write_adapter_folder(args, plan.inputs, argv, args.quiet)  # small: merged whole, as adapters
+    candidates = ([merge_into] if merge_into else []) + input_paths(args)
+    source = None if args.output.endswith(".safetensors") else hf.config_source(args.config_from, candidates)
     check_output(output, args)
     target = None if args.dtype == "keep" else getattr(torch, args.dtype)
     with contextlib.ExitStack() as stack:
-        inputs = open_inputs(stack, plan.inputs, args.prefix)
+        opener = adapters.opener(stack, merge_into) if merge_into else storage.open_state_dict
+        inputs = open_inputs(stack, plan.inputs, args.prefix, opener=opener)
         check_output(output, args, inputs)
         check_compatible(inputs)
         if plan.check is not None:
