@@ -189,14 +189,16 @@ def merge_as_adapters(
     sds = [storage.load_state_dict(Path(p).expanduser() / WEIGHTS) for p in adapters]
     if command == "average":
         weights = args.weights or [1.0] * len(sds)
-        sd, report = lora.lora_weighted_average(sds, weights)
+        sd, report = lora.lora_weighted_average(sds, weights, allow_unrelated=True)
         function, parameters = "lora_weighted_average", {"weights": weights}
     elif command == "blend":
-        sd, report = lora.lora_interpolate(sds[0], sds[1], args.ratio, dict(args.layer_ratio) or None)
+        sd, report = lora.lora_interpolate(
+            sds[0], sds[1], args.ratio, dict(args.layer_ratio) or None, allow_unrelated=True
+        )
         function, parameters = "lora_interpolate", {"ratio": args.ratio}
     elif command == "task-arithmetic":
         scales = args.scales[0] if len(args.scales) == 1 else list(args.scales)
-        sd, report = lora.lora_task_arithmetic(sds[0], sds[1:], scales)
+        sd, report = lora.lora_task_arithmetic(sds[0], sds[1:], scales, allow_unrelated=True)
         function, parameters = "lora_task_arithmetic", {"scales": scales}
     else:
         raise SoupError(

@@ -332,7 +332,7 @@ def _assemble(ref: Mapping[str, Tensor], *parts: Mapping[str, Tensor]) -> dict[s
 
 
 def lora_weighted_average(
-    state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float]
+    state_dicts: Sequence[Mapping[str, Tensor]], weights: Sequence[float], *, allow_unrelated: bool = False
 ) -> tuple[dict[str, Tensor], LoraReport]:
     """:func:`~lightning_soup.merge.weighted_average` with every LoRA pair averaged as ``ΔW = Σ wᵢ BᵢAᵢ / Σ w``.
 
@@ -342,6 +342,7 @@ def lora_weighted_average(
     Args:
         state_dicts: state dicts with the same keys and shapes (a PeftModel's, or saved adapters).
         weights: one finite, non-negative number per state dict, not all zero.
+        allow_unrelated: passed to :func:`~lightning_soup.merge.weighted_average` for the keys that are not factors.
 
     Returns:
         ``(state_dict, report)``: the merged state dict (keys in the order of ``state_dicts[0]``) and how far its
@@ -363,11 +364,13 @@ def lora_weighted_average(
     total = sum(w)
     pairs, rest = _split(sds)
     merged, report = _merge_pairs(sds, pairs, [[x / total for x in w]] * len(pairs))
-    plain = weighted_average(rest, w) if rest[0] else {}
+    plain = weighted_average(rest, w, allow_unrelated=allow_unrelated) if rest[0] else {}
     return _assemble(sds[0], plain, merged), report
 
 
-def lora_uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]]) -> tuple[dict[str, Tensor], LoraReport]:
+def lora_uniform_soup(
+    state_dicts: Sequence[Mapping[str, Tensor]], *, allow_unrelated: bool = False
+) -> tuple[dict[str, Tensor], LoraReport]:
     """:func:`~lightning_soup.merge.uniform_soup` with every LoRA pair averaged on ΔW (see
     :func:`lora_weighted_average`).
 
@@ -379,7 +382,7 @@ def lora_uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]]) -> tuple[dict
         ([[2.0]], 0.0)
     """
     sds = check_state_dicts(state_dicts, "state_dicts")
-    return lora_weighted_average(sds, [1.0] * len(sds))
+    return lora_weighted_average(sds, [1.0] * len(sds), allow_unrelated=allow_unrelated)
 
 
 def lora_interpolate(
@@ -387,6 +390,8 @@ def lora_interpolate(
     model: Mapping[str, Tensor],
     ratio: float,
     layer_ratios: Mapping[str, float] | None = None,
+    *,
+    allow_unrelated: bool = False,
 ) -> tuple[dict[str, Tensor], LoraReport]:
     """:func:`~lightning_soup.merge.interpolate` with every LoRA pair blended on ΔW:
     ``ΔW = ΔW_anchor + r·(ΔW_model − ΔW_anchor)``.
@@ -399,6 +404,7 @@ def lora_interpolate(
         model: the state dict at ``r = 1``; same keys and shapes.
         ratio: `r` for keys that match no `layer_ratios` pattern.
         layer_ratios: ``{fnmatch pattern: r}``, first match wins.
+        allow_unrelated: passed to :func:`~lightning_soup.merge.interpolate` for the keys that are not factors.
 
     Returns:
         ``(state_dict, report)``, keys in the order of `model`.
@@ -424,7 +430,7 @@ def lora_interpolate(
         with warnings.catch_warnings():
             # a pattern may match only factor keys; `interpolate` cannot see those, so warn here instead
             warnings.simplefilter("ignore", UserWarning)
-            plain = interpolate(an_rest, md_rest, ratio, layer_ratios)
+            plain = interpolate(an_rest, md_rest, ratio, layer_ratios, allow_unrelated=allow_unrelated)
     unused = [p for p in (layer_ratios or {}) if not any(fnmatch.fnmatchcase(k, p) for k in md)]
     if unused:
         warnings.warn(f"`layer_ratios` patterns {unused} match no key, so they have no effect.", UserWarning,
@@ -436,6 +442,8 @@ def lora_task_arithmetic(
     base: Mapping[str, Tensor],
     finetuned: Sequence[Mapping[str, Tensor]],
     scales: float | Sequence[float],
+    *,
+    allow_unrelated: bool = False,
 ) -> tuple[dict[str, Tensor], LoraReport]:
     """Task arithmetic ``base + Σ λᵢ(θᵢ − base)`` with every LoRA pair computed on ΔW.
 
@@ -447,6 +455,7 @@ def lora_task_arithmetic(
         base: the base state dict (same keys and shapes as every fine-tune).
         finetuned: one or more fine-tuned state dicts.
         scales: one number for every fine-tune, or one per fine-tune; any finite real.
+        allow_unrelated: passed to :func:`~lightning_soup.merge.task_arithmetic` for the keys that are not factors.
 
     Returns:
         ``(state_dict, report)``, keys in the order of `base`.
@@ -470,7 +479,8 @@ def lora_task_arithmetic(
     merged, report = _merge_pairs(sds, pairs, [coeffs] * len(pairs))
     plain: dict[str, Tensor] = {}
     if rest[0]:
-        plain = task_arithmetic(rest[0], [task_vector(ft, rest[0]) for ft in rest[1:]], lams)
+        vectors = [task_vector(ft, rest[0], allow_unrelated=allow_unrelated) for ft in rest[1:]]
+        plain = task_arithmetic(rest[0], vectors, lams, allow_unrelated=allow_unrelated)
     return _assemble(sds[0], plain, merged), report
 
 
