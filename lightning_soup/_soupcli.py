@@ -27,6 +27,7 @@ def _soup(
     datamodule: Any = None,
     dirpath: Optional[str] = None,
     log: bool = False,
+    allow_unrelated: bool = False,
 ) -> Any:
     """Soup finished fine-tunes of one base (greedy or uniform), every candidate scored by validation.
 
@@ -37,11 +38,12 @@ def _soup(
         method: greedy (Wortsman's greedy soup) or uniform (the mean of all).
         dirpath: where soup.safetensors and soup.json go (default: <default_root_dir>/soup).
         log: also send the validations and the soup's score to the trainer's loggers.
+        allow_unrelated: skip the check that every checkpoint shares a base with the first one.
     """
     from lightning_soup.posthoc import soup
 
     return soup(self, model, checkpoints, monitor=monitor, mode=mode, method=method, datamodule=datamodule,
-                dirpath=dirpath, log=log)
+                dirpath=dirpath, log=log, allow_unrelated=allow_unrelated)
 
 
 def _compose(
@@ -59,6 +61,7 @@ def _compose(
     datamodule: Any = None,
     dirpath: Optional[str] = None,
     log: bool = False,
+    allow_unrelated: bool = False,
 ) -> Any:
     """Merge fine-tunes of one base into one model, the coefficients chosen on validation under constraints.
 
@@ -74,11 +77,13 @@ def _compose(
         seed: dare's random seed.
         dirpath: where merged.safetensors, compose.json and compose.png go (default: <default_root_dir>/soup).
         log: also send the validations and the chosen metrics to the trainer's loggers.
+        allow_unrelated: skip the check that every fine-tune was fine-tuned from base.
     """
     from lightning_soup.posthoc import compose
 
     return compose(self, model, base, finetuned, method=method, scales=scales, monitor=monitor, mode=mode,
-                   constraint=constraint, density=density, seed=seed, datamodule=datamodule, dirpath=dirpath, log=log)
+                   constraint=constraint, density=density, seed=seed, datamodule=datamodule, dirpath=dirpath, log=log,
+                   allow_unrelated=allow_unrelated)
 
 
 @functools.cache

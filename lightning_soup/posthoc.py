@@ -14,9 +14,9 @@ evaluation path outside ``fit``), with the trainer's loggers detached unless ``l
 validation dataloader merged into one dict. Under DDP every rank validates every candidate and rank zero's metrics
 are broadcast right after each pass, so every decision is rank zero's; rank zero alone writes files. All maths is
 :mod:`lightning_soup.merge`; files are read through :mod:`lightning_soup.storage` (``.ckpt``, ``.safetensors``,
-sharded folders, mixed), lazily, onto the strategy's device, where the candidates are built. Every argument and every input file is checked before
-the first validation; an exception or KeyboardInterrupt during the candidates puts the module's original weights
-back.
+sharded folders, mixed), lazily, onto the strategy's device, where the candidates are built. Every argument and
+every input file is checked before the first validation (keys, shapes, and that the inputs share a base); an
+exception or KeyboardInterrupt during the candidates puts the module's original weights back.
 """
 
 from __future__ import annotations
@@ -94,6 +94,7 @@ def soup(
     val_dataloaders: Any = None,
     dirpath: str | os.PathLike | None = None,
     log: bool = False,
+    allow_unrelated: bool = False,
 ) -> MergeResult:
     """Soup a sweep's fine-tunes of one base, scored by your validation loop.
 
@@ -116,6 +117,8 @@ def soup(
         val_dataloaders: passed to ``trainer.validate`` as ``dataloaders`` (instead of a datamodule).
         dirpath: where ``soup.safetensors`` and ``soup.json`` go; default ``<trainer.default_root_dir>/soup``.
         log: also send every validation and the soup's metrics (``soup/<monitor>``) to the trainer's loggers.
+        allow_unrelated: skip the check that every checkpoint shares a base with the first one (which reads each
+            checkpoint once more, before the first validation: three reads instead of two).
 
     Returns:
         A :class:`MergeResult`; ``recipe["checkpoints"]`` lists every checkpoint (path, score, accepted, soup
@@ -123,10 +126,11 @@ def soup(
 
     Raises:
         SoupError: before any validation, for bad arguments, paths or globs that match nothing, a duplicate or
-            unreadable checkpoint, or keys/shapes that do not fit the model; after the first validation when it
+            unreadable checkpoint, keys/shapes that do not fit the model, or (unless `allow_unrelated`) a
+            checkpoint whose weights do not share a base with the first one; after the first validation when it
             does not log ``monitor`` (listing what it logs).
     """
-    problems = _common_problems(monitor, datamodule, val_dataloaders, log)
+    problems = _common_problems(monitor, datamodule, val_dataloaders, log, allow_unrelated)
     mode = _collect(problems, check_mode, mode)
     if method not in _SOUP_METHODS:
         problems.append(f"`method` must be one of {', '.join(map(repr, _SOUP_METHODS))}, got {method!r}.")
@@ -136,9 +140,10 @@ def soup(
     with _opened(paths) as lazies:
         names = [str(p) for p in paths]
         _check_fits(model, lazies, names)
-        _check_related(lazies, names, base=None)
         validator = _Validator(trainer, model, datamodule, val_dataloaders, log, [monitor])
         start, device = _device(model), _work_device(trainer, model)
+        if not allow_unrelated:
+            _check_related([_OnDevice(lz, device) for lz in lazies], names)
         with _restored_on_error(model):
             own = []
             for lazy in lazies:  # first read of each checkpoint
@@ -215,7 +220,7 @@ def _uniform(
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     if merge.lora_pairs(lazies[0].keys()):
         # LoRA factors are averaged on ΔW = B·A (every checkpoint in memory at once: adapters are small)
-        result, _ = merge.lora_uniform_soup([_OnDevice(lz, device) for lz in lazies])
+        result, _ = merge.lora_uniform_soup([_OnDevice(lz, device) for lz in lazies], allow_unrelated=True)
         _load_(model, result)
         del result
     else:
@@ -266,6 +271,7 @@ def compose(
     val_dataloaders: Any = None,
     dirpath: str | os.PathLike | None = None,
     log: bool = False,
+    allow_unrelated: bool = False,
 ) -> MergeResult:
     """Combine fine-tunes of one base into one model, the merge chosen on your validation under constraints.
 
@@ -294,6 +300,7 @@ def compose(
         dirpath: where ``merged.safetensors``, ``compose.json`` and ``compose.png`` go; default
             ``<trainer.default_root_dir>/soup``.
         log: also send every validation and the chosen candidate's metrics (``compose/<metric>``) to the loggers.
+        allow_unrelated: skip the check that every fine-tune was fine-tuned from `base`.
 
     Returns:
         A :class:`MergeResult`; ``recipe["candidates"]`` holds every candidate (method, scales, metrics,
@@ -301,10 +308,11 @@ def compose(
 
     Raises:
         SoupError: before any validation, for a bad argument, a path or glob that matches nothing, inputs whose
-            keys/shapes do not fit the model, or a method that is not available; after the first validation when
+            keys/shapes do not fit the model, a method that is not available, or (unless `allow_unrelated`) a
+            fine-tune that does not look derived from `base`; after the first validation when
             it does not log ``monitor`` or a constrained metric (listing what it logs).
     """
-    problems = _common_problems(monitor, datamodule, val_dataloaders, log)
+    problems = _common_problems(monitor, datamodule, val_dataloaders, log, allow_unrelated)
     mode = _collect(problems, check_mode, mode)
     bounds: tuple[Bound, ...] = _collect(problems, parse_constraint, constraint) or ()
     base_paths = _expand(base, "base", problems)
@@ -353,12 +361,15 @@ def compose(
             # each input read once, kept on the module's device for every candidate
             base_sd = _read_all(lazies[0], device)
             fts = [_read_all(lazy, device) for lazy in lazies[1:]]
-            _check_related(fts, names[1:], base=base_sd)  # on what was read: no second read, before any validation
+            if not allow_unrelated:  # on what was read (no second read), before any validation
+                _check_related(fts, names[1:], base=base_sd, base_name=names[0])
             references = [{"name": "base", "path": names[0], "metrics": _load_and_validate(model, base_sd, validator)}]
             for i, ft in enumerate(fts):
                 metrics = _load_and_validate(model, ft, validator)
                 references.append({"name": f"finetuned[{i}]", "path": names[i + 1], "metrics": metrics})
-            tvs = [merge.task_vector(ft, base_sd) for ft in fts] if method == "task_arithmetic" and not lora else []
+            # checked above (or allowed): the merge functions need not measure it again for every candidate
+            tvs = [merge.task_vector(ft, base_sd, allow_unrelated=True) for ft in fts] \
+                if method == "task_arithmetic" and not lora else []
             rows = []
             for scale in grid:
                 candidate = _candidate(function, method, base_sd, fts, tvs, scale, density, seed)
@@ -472,24 +483,24 @@ def _candidate(
     density: float,
     seed: int,
 ) -> dict[str, Tensor]:
-    """One candidate: `method` of lightning_soup.merge at one entry of the scale grid."""
+    """One candidate: `method` of lightning_soup.merge at one entry of the scale grid (inputs already checked)."""
     if method == "task_arithmetic":
         coefficients = list(scale) if isinstance(scale, tuple) else scale
         if not task_vectors:  # LoRA: lora_task_arithmetic takes the fine-tunes and returns (state, report)
-            return function(base, finetuned, coefficients)[0]
-        return function(base, task_vectors, coefficients)
+            return function(base, finetuned, coefficients, allow_unrelated=True)[0]
+        return function(base, task_vectors, coefficients, allow_unrelated=True)
     if method == "model_stock":
-        return function(base, finetuned)
+        return function(base, finetuned, allow_unrelated=True)
     coefficient = scale
     if isinstance(scale, tuple):
         # τᵢ scaled by its own λᵢ first (base + λᵢτᵢ), then the method at scale 1
-        finetuned = [merge.interpolate(base, ft, s) for ft, s in zip(finetuned, scale)]
+        finetuned = [merge.interpolate(base, ft, s, allow_unrelated=True) for ft, s in zip(finetuned, scale)]
         coefficient = 1.0
     if method == "ties":
-        return function(base, finetuned, density, scale=coefficient)
+        return function(base, finetuned, density, scale=coefficient, allow_unrelated=True)
     if method == "dare":
-        return function(base, finetuned, density, scale=coefficient, seed=seed)
-    return function(base, finetuned, alpha=coefficient)
+        return function(base, finetuned, density, scale=coefficient, seed=seed, allow_unrelated=True)
+    return function(base, finetuned, alpha=coefficient, allow_unrelated=True)
 
 
 def _write_plot(trainer: Any, recipe: Mapping[str, Any], path: Path) -> Path | None:
@@ -617,7 +628,7 @@ class _restored_on_error:
         del self.backup
 
 
-def _common_problems(monitor: Any, datamodule: Any, val_dataloaders: Any, log: Any) -> list[str]:
+def _common_problems(monitor: Any, datamodule: Any, val_dataloaders: Any, log: Any, allow_unrelated: Any) -> list[str]:
     problems = []
     if not isinstance(monitor, str) or not monitor.strip():
         problems.append(f"`monitor` must be the name of a logged validation metric, e.g. 'val/acc'; got {monitor!r}.")
@@ -625,6 +636,8 @@ def _common_problems(monitor: Any, datamodule: Any, val_dataloaders: Any, log: A
         problems.append("Pass `datamodule` or `val_dataloaders`, not both.")
     if not isinstance(log, bool):
         problems.append(f"`log` must be True or False, got {log!r}.")
+    if not isinstance(allow_unrelated, bool):
+        problems.append(f"`allow_unrelated` must be True or False, got {allow_unrelated!r}.")
     return problems
 
 
@@ -688,15 +701,20 @@ def _check_fits(model: Any, lazies: Sequence[storage.LazyStateDict], names: Sequ
         raise SoupError(f"{e}\n{hint}") from None
 
 
-def _check_related(inputs: Sequence[Mapping[str, Tensor]], names: Sequence[str], base: Any = None) -> None:
-    """The one place the "unrelated base" check of lightning_soup.merge goes, before any validation.
+def _check_related(
+    inputs: Sequence[Mapping[str, Tensor]], names: Sequence[str], base: Any = None, base_name: str = "base"
+) -> None:
+    """Refuse inputs that do not share a base, before any validation (lightning_soup.merge's whole-model check).
 
-    TODO(unrelated-base): once ``lightning_soup.merge``'s relatedness check (the one behind ``allow_unrelated``) is on
-    main, call it here: for compose ``check_related(base, inputs, names, "base", derived=True)`` on the tensors
-    already read (no extra read); for soup ``check_related(inputs[0], inputs[1:], ..., derived=False)`` over the lazy
-    checkpoints, which reads each checkpoint one more time (three reads instead of two) unless the check is folded
-    into the scoring pass; and add ``allow_unrelated: bool = False`` to soup/compose (and SoupCLI) to pass through.
+    compose: every fine-tune against `base` (already in memory). soup: every checkpoint against the first, streamed
+    key by key from the lazy mappings (one tensor per checkpoint in memory; one more read of each checkpoint).
     """
+    from lightning_soup.merge._related import check_related
+
+    if base is not None:
+        check_related(base, inputs, names, base_name, derived=True)
+    elif len(inputs) > 1:
+        check_related(inputs[0], inputs[1:], names[1:], names[0], derived=False)
 
 
 def _output_dir(trainer: Any, dirpath: str | os.PathLike | None) -> Path:

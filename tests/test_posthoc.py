@@ -201,8 +201,10 @@ def test_uniform_soup_of_lora_checkpoints_averages_delta_w(tmp_path: Path) -> No
     torch.testing.assert_close(written["base.weight"], one["base.weight"])
 
 
+@pytest.mark.parametrize("allow_unrelated", [True, False])
 def test_each_checkpoint_read_at_most_twice(sweep: dict[str, Any], tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                            monkeypatch: pytest.MonkeyPatch, allow_unrelated: bool) -> None:
+    """Two reads (scores, greedy pass); the shared-base check before the first validation costs one more."""
     from lightning_soup._storage import _read
 
     reads: dict[str, int] = {}
@@ -214,8 +216,27 @@ def test_each_checkpoint_read_at_most_twice(sweep: dict[str, Any], tmp_path: Pat
 
     monkeypatch.setattr(_read.LazyStateDict, "__getitem__", counted)
     model = make_model(pl, seed=3, two_val_loaders=True)
-    ls.soup(_trainer(tmp_path), model, [str(p) for p in sweep["paths"]], monitor=LOSS0, mode="min")
-    assert reads and max(reads.values()) <= 2
+    ls.soup(_trainer(tmp_path), model, [str(p) for p in sweep["paths"]], monitor=LOSS0, mode="min",
+            allow_unrelated=allow_unrelated)
+    assert reads and max(reads.values()) == (2 if allow_unrelated else 3)
+
+
+def test_unrelated_inputs_refused_before_any_validation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint from another random initialisation is refused by name (soup and compose), unless allowed."""
+    base = _state(make_model(pl, seed=0, hidden=128))
+    related = _save(_perturbed(base, 0.02, seed=1), tmp_path, "related", "safetensors")
+    stranger = _save(_state(make_model(pl, seed=99, hidden=128)), tmp_path, "stranger", "ckpt")
+    base_path = _save(base, tmp_path, "base", "safetensors")
+    trainer = _trainer(tmp_path)
+    monkeypatch.setattr(trainer, "validate", lambda *a, **k: pytest.fail("validated before checking the input"))
+    model = make_model(pl, seed=3, hidden=128)
+    with pytest.raises(SoupError, match="stranger"):
+        ls.soup(trainer, model, [str(related), str(stranger)], monitor="val/loss", mode="min")
+    with pytest.raises(SoupError, match="stranger"):
+        ls.compose(trainer, model, str(base_path), [str(related), str(stranger)], monitor="val/loss", mode="min")
+    monkeypatch.undo()
+    ls.soup(_trainer(tmp_path), model, [str(related), str(stranger)], monitor="val/loss", mode="min",
+            method="uniform", allow_unrelated=True)
 
 
 @pytest.mark.parametrize("which", ["soup", "compose"])
