@@ -25,7 +25,10 @@ def uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]], *, allow_unrelated
 
     Floating tensors are averaged in float32 (float64 when an input is float64) and returned in the dtype and on
     the device of the first state dict's tensor; non-floating tensors (e.g. ``num_batches_tracked``) are copied
-    from the first state dict. Inputs are never modified; lazy mappings are read once.
+    from the first state dict. Inputs are never modified; lazy mappings are read once. PEFT LoRA pairs are
+    averaged on ``ΔW = B·A``, never factor by factor (see :func:`~lightning_soup.merge.lora_uniform_soup`, which
+    also returns how far the rank-r pairs are from the exact mean; here a ``UserWarning`` names the worst module
+    when that is above :data:`~lightning_soup.merge.lora.ROUTED_WARN_ERROR`).
 
     Args:
         state_dicts: one or more state dicts with the same keys and shapes.
@@ -45,6 +48,10 @@ def uniform_soup(state_dicts: Sequence[Mapping[str, Tensor]], *, allow_unrelated
         {'w': tensor([0.5000, 3.0000])}
     """
     sds = check_state_dicts(state_dicts, "state_dicts")
+    from lightning_soup.merge import lora  # built on this module, so imported here
+
+    if lora._has_pairs(sds[0]):  # ΔW = B·A, never factor by factor
+        return lora._routed("uniform_soup", lora.lora_uniform_soup(sds, allow_unrelated=allow_unrelated))
     return _average(sds, [1.0] * len(sds), allow_unrelated)
 
 
@@ -54,7 +61,8 @@ def weighted_average(
     """Weighted mean ``Σ wᵢθᵢ / Σ wᵢ`` of state dicts.
 
     Dtypes, devices and non-floating tensors as in :func:`uniform_soup`. A zero weight leaves that state dict out
-    of the arithmetic (its keys and shapes are still checked).
+    of the arithmetic (its keys and shapes are still checked). LoRA pairs as in :func:`uniform_soup`
+    (:func:`~lightning_soup.merge.lora_weighted_average`).
 
     Args:
         state_dicts: one or more state dicts with the same keys and shapes.
@@ -75,6 +83,10 @@ def weighted_average(
     """
     sds = check_state_dicts(state_dicts, "state_dicts")
     w = check_weights(weights, len(sds))
+    from lightning_soup.merge import lora  # built on this module, so imported here
+
+    if lora._has_pairs(sds[0]):  # ΔW = B·A, never factor by factor
+        return lora._routed("weighted_average", lora.lora_weighted_average(sds, w, allow_unrelated=allow_unrelated))
     return _average(sds, w, allow_unrelated)
 
 

@@ -18,6 +18,7 @@ from torch import Tensor
 from lightning_soup.merge._checks import check_density, check_real, check_seed, check_state_dict, check_state_dicts
 from lightning_soup.merge._core import acc_dtype, copy_non_floating, move, prepare
 from lightning_soup.merge._related import check_related
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["dare"]
 
@@ -62,6 +63,7 @@ def dare(
         True
     """
     bs = check_state_dict(base, "base")
+    _refuse_pairs(bs, "base", "dare")
     fts = check_state_dicts(finetuned, "finetuned")
     density = check_density(density)
     scale = check_real(scale, "scale")

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_soup.merge._stacked import is_matrix, merge_state_dicts, significant
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["iso_c"]
 
@@ -66,6 +67,7 @@ def iso_c(
         >>> torch.allclose(iso_c(base, fts)["w"], torch.tensor([[2.0, 0.0], [0.0, 2.0]]))  # spectrum (3, 1) -> (2, 2)
         True
     """
+    _refuse_pairs(base, "base", "iso_c")
     return merge_state_dicts(base, finetuned, iso_c_delta, alpha, allow_unrelated=allow_unrelated)
 
 

@@ -35,6 +35,7 @@ from lightning_soup.merge._stacked import (
     polar_pair,
     significant,
 )
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["iso_cts"]
 
@@ -89,6 +90,7 @@ def iso_cts(
     """
     fraction = check_fraction(common_fraction, "common_fraction")
     delta = lambda taus: iso_cts_delta(taus, fraction)  # noqa: E731
+    _refuse_pairs(base, "base", "iso_cts")
     return merge_state_dicts(base, finetuned, delta, alpha, allow_unrelated=allow_unrelated)
 
 

@@ -21,6 +21,15 @@ needs to be known. The result must stay a rank-r pair, so it is
 Work runs one pair at a time in float32 (float64 when an input is float64) on the factors' device; results come
 back in the dtype and on the device of the first input's factors. The exact result of any of these merges is
 always available as dense weights: :func:`delta_weight` gives one layer's ΔW to add to its base weight.
+
+The plain functions route here by themselves: :func:`~lightning_soup.merge.uniform_soup`,
+:func:`~lightning_soup.merge.weighted_average`, :func:`~lightning_soup.merge.interpolate` and
+:func:`~lightning_soup.merge.task_arithmetic` given state dicts with LoRA pairs return what the ``lora_*``
+function returns, and warn (naming the worst module) when the rank-r pairs are more than
+:data:`ROUTED_WARN_ERROR` from the exact ΔW result; the ``lora_*`` functions return the whole
+:class:`LoraReport`. :func:`~lightning_soup.merge.task_vector` refuses LoRA pairs (a difference of factors is not
+a difference of updates), and so do the methods that are not linear combinations of the updates (TIES, DARE,
+SLERP, TSV, Iso-C, Iso-CTS, Model Stock): merge the adapters into their base weights first.
 """
 
 from __future__ import annotations
@@ -57,6 +66,10 @@ __all__ = [
 ]
 
 _A_NAMES = {"lora_A": "lora_B", "lora_embedding_A": "lora_embedding_B"}
+
+#: The plain merges warn when their LoRA pairs are further than this (relative Frobenius error on ΔW of the worst
+#: pair) from the exact ΔW result; below it the rank-r pairs are as good as the exact result for any practical use.
+ROUTED_WARN_ERROR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -516,3 +529,73 @@ def delta_weight(
     if a.ndim > 2:  # Conv: B is out×r×1×1 (for k×k kernels), A is r×in×k×k
         return delta.reshape(b.shape[0], *a.shape[1:])
     return delta
+
+
+def _routed(
+    function: str, merged: tuple[dict[str, Tensor], LoraReport], stacklevel: int = 3
+) -> dict[str, Tensor]:
+    """The state dict of a ``lora_*`` merge run for the plain `function`, with a warning when it is not close to
+    exact (the plain functions return state dicts only; the ``lora_*`` ones return the report too)."""
+    sd, report = merged
+    if report.max_relative_error > ROUTED_WARN_ERROR:
+        worst = max(report.per_module, key=report.per_module.__getitem__)
+        warnings.warn(
+            f"`{function}` merged the LoRA pairs on ΔW = scaling·B·A; the result needs more than rank r, so the "
+            f"pairs are its best rank-r approximation: relative error {report.relative_error:.3g} over all pairs, "
+            f"{report.max_relative_error:.3g} at the worst, `{worst}`. For the exact result merge the adapters "
+            f"into their base weights (`merge.delta_weight`, CLI `--merge-into BASE`); `{_LORA_NAME[function]}` "
+            "returns the whole report.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    return sd
+
+
+_LORA_NAME = {
+    "uniform_soup": "lora_uniform_soup",
+    "weighted_average": "lora_weighted_average",
+    "interpolate": "lora_interpolate",
+    "task_arithmetic": "lora_task_arithmetic",
+}
+
+
+def _has_pairs(state_dict: Any) -> bool:
+    return isinstance(state_dict, Mapping) and bool(lora_pairs(state_dict.keys()))
+
+
+def _refuse_pairs(state_dict: Any, argument: str, method: str) -> None:
+    """Raise for a merge that is not a linear combination of the updates when `state_dict` holds LoRA pairs."""
+    if not isinstance(state_dict, Mapping):
+        return  # the method's own checks name a bad argument
+    pairs = lora_pairs(state_dict.keys())
+    if pairs:
+        raise SoupError(
+            f"`{method}` is not defined on LoRA factors: `{argument}` holds {len(pairs)} PEFT LoRA pair(s) (e.g. "
+            f"`{pairs[0].a_key}`), and applying it to A and B separately is not applying it to the updates "
+            "ΔW = scaling·B·A. Merge the adapters into their base weights first (CLI `--merge-into BASE`, or "
+            f"W₀ + `merge.delta_weight(...)` per pair) and run `{method}` on the dense weights; averages, blends "
+            "and task arithmetic of adapters are defined on ΔW (`lora_uniform_soup`, `lora_interpolate`, "
+            "`lora_task_arithmetic`)."
+        )
+
+
+def _route_task_arithmetic(
+    base: Mapping[str, Tensor],
+    task_vectors: Sequence[Mapping[str, Tensor]],
+    scales: Sequence[float],
+    plain: Any,
+) -> dict[str, Tensor]:
+    """:func:`~lightning_soup.merge.task_arithmetic` of a state dict with LoRA pairs: each pair's entries of
+    ``τᵢ`` are read as ``θᵢ − base`` (the only way factor differences carry an update), so the pair becomes the
+    rank-r pair closest to ``ΔW_base + Σ λᵢ(ΔWᵢ − ΔW_base)``, with ``θᵢ = base + τᵢ`` per factor; every other key
+    is ``plain(base_rest, vectors_rest)`` exactly as without pairs."""
+    pairs, rest = _split([base, *task_vectors])
+    tuned = []
+    for tv in task_vectors:
+        tuned.append({
+            k: base[k].to(acc_dtype(base[k].dtype, tv[k].dtype)) + tv[k].to(base[k].device)
+            for p in pairs for k in (p.a_key, p.b_key)
+        })
+    merged, report = _merge_pairs([base, *tuned], pairs, [[1.0 - sum(scales), *scales]] * len(pairs))
+    result = plain(rest[0], rest[1:]) if rest[0] else {}
+    return _routed("task_arithmetic", (_assemble(base, result, merged), report), stacklevel=4)

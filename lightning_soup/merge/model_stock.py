@@ -21,6 +21,7 @@ from torch import Tensor
 
 from lightning_soup.merge._core import acc_dtype
 from lightning_soup.merge._stacked import merge_state_dicts
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["model_stock"]
 
@@ -60,6 +61,7 @@ def model_stock(
         >>> model_stock(base, fts)["w"]  # t = 2c / (1 + c) = 0.8284 times the mean (1.5, 0.5)
         tensor([1.2426, 0.4142])
     """
+    _refuse_pairs(base, "base", "model_stock")
     return merge_state_dicts(
         base, finetuned, None, 1.0, min_finetuned=2, per_key=model_stock_tensor, allow_unrelated=allow_unrelated
     )

@@ -16,6 +16,7 @@ from torch import Tensor
 from lightning_soup.merge._checks import check_real
 from lightning_soup.merge._core import batches, cast, copy_non_floating, group_keys, move, prepare
 from lightning_soup.merge._related import check_related
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["slerp"]
 
@@ -53,6 +54,7 @@ def slerp(
         tensor([0.7071, 0.7071])
     """
     t = check_real(t, "t")
+    _refuse_pairs(a, "a", "slerp")
     sa, sb = prepare([a, b], ["a", "b"])
     if not allow_unrelated:
         check_related(sa, [sb], ["b"], "a", derived=False)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from lightning_soup.errors import SoupError
 from lightning_soup.merge._checks import (
     check_scales,
     check_state_dict,
@@ -32,6 +33,9 @@ def task_vector(
     finetuned: Mapping[str, Tensor], base: Mapping[str, Tensor], *, allow_unrelated: bool = False
 ) -> dict[str, Tensor]:
     """The task vector ``finetuned − base`` of every floating key.
+
+    State dicts with PEFT LoRA pairs are refused: a difference of factors is not a difference of updates
+    (:func:`~lightning_soup.merge.lora_task_arithmetic` takes the fine-tuned adapters themselves).
 
     Args:
         finetuned: the fine-tuned state dict.
@@ -53,6 +57,17 @@ def task_vector(
         >>> task_vector(ft, {"w": torch.tensor([1.0, 2.0]), "steps": torch.tensor(0)})
         {'w': tensor([0.5000, 0.0000])}
     """
+    from lightning_soup.merge import lora  # built on this module, so imported here
+
+    if lora._has_pairs(finetuned):
+        pair = lora.lora_pairs(finetuned.keys())[0]
+        raise SoupError(
+            f"`task_vector`: `finetuned` holds PEFT LoRA pairs (e.g. `{pair.a_key}`); a difference of LoRA factors "
+            "is not the difference of the updates ΔW = scaling·B·A, so it is no task vector. Use "
+            "`lora_task_arithmetic(base, finetuned, scales)`, which takes the fine-tuned adapters themselves, or "
+            "merge the adapters into their base weights first (`merge.delta_weight`, CLI `--merge-into BASE`) and "
+            "take the task vector of the dense weights."
+        )
     ft, bs = prepare([finetuned, base], ["finetuned", "base"])
     if not allow_unrelated:
         check_related(bs, [ft], ["finetuned"], "base")
@@ -77,6 +92,11 @@ def task_arithmetic(
     allow_unrelated: bool = False,
 ) -> dict[str, Tensor]:
     """``base + Σ λᵢ τᵢ``: add (``λ > 0``) or remove (``λ < 0``) the capabilities of fine-tunes.
+
+    When `base` holds PEFT LoRA pairs, each pair's entries of ``τᵢ`` are read as ``θᵢ − base`` (factor by factor)
+    and the pair becomes the rank-r pair closest to ``ΔW_base + Σ λᵢ(ΔWᵢ − ΔW_base)``, as
+    :func:`~lightning_soup.merge.lora_task_arithmetic` (which also returns the rank-r error; here a
+    ``UserWarning`` names the worst module above :data:`~lightning_soup.merge.lora.ROUTED_WARN_ERROR`).
 
     Args:
         base: the base state dict.
@@ -106,6 +126,14 @@ def task_arithmetic(
     bs = prepare([bs], ["base"])[0]
     tvs = [materialize(check_state_dict(tv, f"task_vectors[{i}]")) for i, tv in enumerate(tvs)]
     check_task_vectors(bs, tvs)
+    from lightning_soup.merge import lora  # built on this module, so imported here
+
+    if lora._has_pairs(bs):  # ΔW = B·A, never factor by factor
+
+        def plain(b: Mapping[str, Tensor], vs: list[Mapping[str, Tensor]]) -> dict[str, Tensor]:
+            return task_arithmetic(b, vs, lams, allow_unrelated=allow_unrelated)
+
+        return lora._route_task_arithmetic(bs, tvs, lams, plain)
     if not allow_unrelated:
         names = [f"base + task_vectors[{i}]" for i in range(len(tvs))]
         check_related(bs, tvs, names, "base", deltas=True)
@@ -138,7 +166,10 @@ def interpolate(
 ) -> dict[str, Tensor]:
     """``anchor + r·(model − anchor)``: move a fine-tune back toward its base (WiSE-FT), or past it (``r > 1``).
 
-    ``r = 0`` gives `anchor`, ``r = 1`` gives `model` (exactly, for equal dtypes).
+    ``r = 0`` gives `anchor`, ``r = 1`` gives `model` (exactly, for equal dtypes). PEFT LoRA pairs blend on
+    ``ΔW = B·A`` (:func:`~lightning_soup.merge.lora_interpolate`: exact toward an adapter of zeros, where B scales;
+    otherwise the best rank-r pairs, with a ``UserWarning`` naming the worst module above
+    :data:`~lightning_soup.merge.lora.ROUTED_WARN_ERROR`).
 
     Args:
         anchor: the state dict at ``r = 0`` (the base, or a safety-tuned checkpoint).
@@ -164,6 +195,11 @@ def interpolate(
         {'w': tensor([ 0.2500, -0.5000])}
     """
     layer_weights([], ratio, layer_ratios)  # validate `ratio` and `layer_ratios` before reading anything
+    from lightning_soup.merge import lora  # built on this module, so imported here
+
+    if lora._has_pairs(model):  # ΔW = B·A, never factor by factor
+        merged = lora.lora_interpolate(anchor, model, ratio, layer_ratios, allow_unrelated=allow_unrelated)
+        return lora._routed("interpolate", merged)
     an, md = prepare([anchor, model], ["anchor", "model"])
     if not allow_unrelated:
         check_related(an, [md], ["model"], "anchor")

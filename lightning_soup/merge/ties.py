@@ -17,6 +17,7 @@ from torch import Tensor
 from lightning_soup.merge._checks import check_density, check_real, check_state_dict, check_state_dicts
 from lightning_soup.merge._core import acc_dtype, copy_non_floating, prepare
 from lightning_soup.merge._related import check_related
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["ties"]
 
@@ -70,6 +71,7 @@ def ties(
         {'w': tensor([ 2., -2.,  0.])}
     """
     bs = check_state_dict(base, "base")
+    _refuse_pairs(bs, "base", "ties")
     fts = check_state_dicts(finetuned, "finetuned")
     density = check_density(density)
     scale = check_real(scale, "scale")

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from lightning_soup.merge._stacked import concat_top, is_matrix, merge_state_dicts, polar_pair, significant
+from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["tsv_merge"]
 
@@ -76,6 +77,7 @@ def tsv_merge(
         >>> torch.allclose(out["w"], torch.tensor([[2.0, 0.0], [0.0, 4.0]]), atol=1e-6), out["b"]
         (True, tensor([0.5000, 1.5000]))
     """
+    _refuse_pairs(base, "base", "tsv_merge")
     return merge_state_dicts(base, finetuned, tsv_delta, alpha, allow_unrelated=allow_unrelated)
 
 
