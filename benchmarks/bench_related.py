@@ -6,7 +6,7 @@ steps with Adam 1e-4, Adam 1e-3 and SGD 0.05, each with the pretrained head kept
 head. Prints, against the base (or, for one run's checkpoints, against the run's last checkpoint), the centered
 whole-model cosine and relative distance that ``Relatedness`` computes, and the plain (uncentered) cosine.
 
-    python benchmarks/bench_related.py [--steps 300]
+    python benchmarks/bench_related.py [--steps 300] [--json OUT]
 
 Plain torch on the CPU (one thread); nothing is downloaded.
 """
@@ -116,6 +116,7 @@ def show(r: dict) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--json", default=None, help="also write the figures here, per architecture (run_all.py)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -144,6 +145,12 @@ def main() -> None:
                 case = f"fine-tune {opt} {lr:g}" + (" fresh head" if fresh else "")
                 rows.append(show({"arch": name, "case": case, **measure(base, state(model))}))
     print(json.dumps(rows))
+    if args.json:
+        by_arch: dict[str, list[dict]] = {}
+        for r in rows:
+            by_arch.setdefault(r["arch"], []).append({k: v for k, v in r.items() if k != "arch"})
+        with open(args.json, "w") as f:
+            json.dump(by_arch, f)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "mergekit": ["--hidden", "256", "--layers", "2", "--vocab", "2000", "--repeat", "1"],
     "multitask": ["--quick"],
     "merge_svd": ["--quick"],
+    "related": ["--steps", "30"],
 }
 # Second runs of a script with other arguments: name -> (script name, extra arguments).
 VARIANTS: dict[str, tuple[str, list[str]]] = {"cli_memory_tsv": ("cli_memory", ["--command", "tsv"])}
