@@ -35,6 +35,20 @@ _POSTHOC = frozenset({"MergeResult", "compose", "soup"})
 
 def __getattr__(name: str) -> Any:
     if name in _CALLBACKS:
+        import sys
+
+        if "lightning.pytorch" in sys.modules and "pytorch_lightning" not in sys.modules:
+            # Most likely a `lightning.pytorch` project (LightningCLI's `class_path: lightning_soup.X` then fails with
+            # "does not correspond to a subclass of Callback"): say which import fits before that error.
+            import warnings
+
+            warnings.warn(
+                f"`lightning_soup.{name}` subclasses `pytorch_lightning.Callback`, but this program uses "
+                f"`lightning.pytorch`: use `lightning_soup.lightning.{name}` (in a LightningCLI config, "
+                f"`class_path: lightning_soup.lightning.{name}`).",
+                UserWarning,
+                stacklevel=2,
+            )
         from lightning_soup import _pl
 
         return getattr(_pl, name)

@@ -284,9 +284,10 @@ def _independent_metrics(flavour: SimpleNamespace, tmp_path: Path, anchor: dict,
 
 
 def _first_best(indices: list[int], scores: list[float], mode: str) -> int:
+    """The best index by ``mode``; ties go to the larger ratio (RATIOS ascend, so the later index)."""
     best = indices[0]
     for i in indices[1:]:
-        if (scores[i] > scores[best]) if mode == "max" else (scores[i] < scores[best]):
+        if (scores[i] >= scores[best]) if mode == "max" else (scores[i] <= scores[best]):
             best = i
     return best
 

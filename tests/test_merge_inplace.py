@@ -22,8 +22,9 @@ def test_float32_copy() -> None:
     src = _tensors(0, DTYPES)
     out = float32_copy(src)
     for o, s in zip(out, src):
-        assert o.dtype == torch.float32 and o.shape == s.shape and o.data_ptr() != s.data_ptr()
-        assert torch.equal(o.double(), s.float().double())
+        want = torch.float64 if s.dtype == torch.float64 else torch.float32  # float64 is never rounded to float32
+        assert o.dtype == want and o.shape == s.shape and o.data_ptr() != s.data_ptr()
+        assert torch.equal(o.double(), s.double())
     assert float32_copy([]) == []
 
 

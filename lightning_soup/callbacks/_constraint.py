@@ -120,11 +120,16 @@ def total_violation(bounds: Sequence[Bound], values: Mapping[str, float]) -> flo
 
 
 def choose(
-    scores: Sequence[float] | None, values: Sequence[Mapping[str, float]], mode: str, bounds: Sequence[Bound]
+    scores: Sequence[float] | None,
+    values: Sequence[Mapping[str, float]],
+    mode: str,
+    bounds: Sequence[Bound],
+    prefer: Sequence[float] | None = None,
 ) -> tuple[int, bool | None]:
     """The chosen candidate: the best score among those meeting every bound, else the closest to meeting them.
 
-    Ties go to the first listed; a NaN score ranks last. Without bounds the best score wins (``met`` is None); when
+    Ties go to the candidate with the largest ``prefer`` value (the first listed without ``prefer``, or among
+    equal ones); a NaN score ranks last. Without bounds the best score wins (``met`` is None); when
     no candidate meets them, the one with the smallest :func:`total_violation` wins (``met`` is False), ties broken
     by score, then order.
 
@@ -133,6 +138,7 @@ def choose(
         values: each candidate's value of every bound's metric.
         mode: ``"max"`` or ``"min"``, for `scores`.
         bounds: the parsed constraint.
+        prefer: a tie-breaker per candidate, larger first (a blend passes its ratios: the trained weights win).
 
     Returns:
         ``(index, met)``.
@@ -148,10 +154,13 @@ def choose(
         score = scores[i]
         return -math.inf if math.isnan(score) else (score if mode == "max" else -score)
 
+    def tie(i: int) -> tuple[float, int]:  # larger wins
+        return (prefer[i] if prefer is not None else 0.0, -i)
+
     candidates = range(len(values))
     if not bounds:
-        return max(candidates, key=lambda i: (rank(i), -i)), None
+        return max(candidates, key=lambda i: (rank(i), *tie(i))), None
     feasible = [i for i in candidates if satisfies(bounds, values[i])]
     if feasible:
-        return max(feasible, key=lambda i: (rank(i), -i)), True
-    return min(candidates, key=lambda i: (total_violation(bounds, values[i]), -rank(i), i)), False
+        return max(feasible, key=lambda i: (rank(i), *tie(i))), True
+    return max(candidates, key=lambda i: (-total_violation(bounds, values[i]), rank(i), *tie(i))), False

@@ -280,6 +280,30 @@ def _wait(event: Any) -> None:
         time.sleep(0.0005)
 
 
+def _snapshot_mismatch(folder: Path, names: Sequence[str], live: Mapping[str, Tensor]) -> str | None:
+    """Why a snapshot file the checkpoint names lacks one of the kept tensors ``live`` or differs there, or None.
+
+    Reads headers only. A snapshot replaced by another model's weights would otherwise fail deep in the running sum
+    (or, with broadcastable shapes, be silently averaged in).
+    """
+    for name in names:
+        path = folder / name
+        try:
+            with storage.open_state_dict(path) as lazy:
+                found = {k: (tuple(v.shape), v.dtype) for k, v in lazy.meta().items()}
+        except SoupError as e:
+            return f"Cannot resume CheckpointAveraging: the snapshot {str(path)!r} is unreadable ({e})."
+        missing = sorted(k for k in live if k not in found)
+        differ = sorted(k for k in live if k in found and found[k] != (tuple(live[k].shape), live[k].dtype))
+        if differ or missing:
+            return (
+                f"Cannot resume CheckpointAveraging: the snapshot {str(path)!r} does not fit the module (other "
+                f"shapes/dtypes {differ or 'none'}, missing keys {missing or 'none'}). Was it replaced by another "
+                "model's weights, or the model changed since the checkpoint? Restore it, or use a new `dirpath`."
+            )
+    return None
+
+
 class _CheckpointAveraging(_base.SoupCallback):
     """Average the last ``window`` snapshots of training (LAWA) and load the average into the module at the end.
 
@@ -293,7 +317,8 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     Args:
         window: how many of the latest snapshots to average.
-        every_n_epochs: take a snapshot after every n-th training epoch (ignored with ``every_n_train_steps``).
+        every_n_epochs: take a snapshot after every n-th training epoch (ignored with ``every_n_train_steps``;
+            None, as in ``ModelCheckpoint``: no epoch schedule).
         every_n_train_steps: take a snapshot after every n-th optimizer step instead.
         dirpath: output folder; default ``<trainer.default_root_dir>/soup``.
         snapshots: ``"disk"`` keeps the window's snapshots in safetensors files, ``"cpu"`` in host RAM (written to
@@ -326,11 +351,12 @@ class _CheckpointAveraging(_base.SoupCallback):
     """
 
     _produces_weights = True
+    _outputs = (_AVERAGE_FILE, _SNAPSHOT_DIR)
 
     def __init__(
         self,
         window: int = 5,
-        every_n_epochs: int = 1,
+        every_n_epochs: int | None = 1,
         every_n_train_steps: int | None = None,
         dirpath: str | None = None,
         snapshots: SnapshotStorage = "disk",
@@ -348,8 +374,11 @@ class _CheckpointAveraging(_base.SoupCallback):
                 problems.append(f"`{name}` must be {allowed}, got {value!r}")
 
         positive_int("window", window)
-        positive_int("every_n_epochs", every_n_epochs)
+        positive_int("every_n_epochs", every_n_epochs, optional=True)  # None: no epoch schedule (YAML null)
         positive_int("every_n_train_steps", every_n_train_steps, optional=True)
+        if every_n_epochs is None and every_n_train_steps is None:
+            problems.append("`every_n_epochs` and `every_n_train_steps` are both None, so no snapshot would ever be "
+                            "taken; set one of them")
         if dirpath is not None and not isinstance(dirpath, (str, Path)):
             problems.append(f"`dirpath` must be a path string or None, got {dirpath!r}")
         if snapshots not in _STORAGES:
@@ -415,17 +444,38 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._records = [dict(r) for r in state_dict.get("records", [])]
-        self._taken = int(state_dict.get("taken", len(self._records)))
-        self._last_epoch = int(state_dict.get("last_epoch", -1))
-        self._last_step = int(state_dict.get("last_step", 0))
+        # Checkpoint state is untrusted: every value is checked here, once, before any file it names is touched.
+        self._records = self._parse_records(state_dict)
+        value = _base.state_value
+        self._taken = value(self, state_dict, "taken", int, len(self._records))
+        self._last_epoch = value(self, state_dict, "last_epoch", int, -1)
+        self._last_step = value(self, state_dict, "last_step", int, 0)
         self._checkpointed = [[r["file"] for r in self._records]]
         self._retained = []
+
+    def _parse_records(self, state_dict: Any) -> list[dict[str, Any]]:
+        """The window's records from checkpoint state, checked (names inside the snapshot folder, int counters).
+
+        Raises:
+            SoupError: the state is malformed or names a file outside ``dirpath/snapshots``.
+        """
+        value = _base.state_value
+        records = value(self, state_dict, "records", list, [])
+        if len(records) > self.window:
+            raise _base.corrupt_state(self, f"{len(records)} records for a window of {self.window}")
+        return [
+            {
+                "file": _base.state_file_name(self, value(self, r, "file", str)),
+                "epoch": value(self, r, "epoch", int),
+                "step": value(self, r, "step", int),
+            }
+            for r in records
+        ]
 
     # ------------------------------------------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or _base.skip_fast_dev_run(trainer, self):
             return
         self._close_store()
         self._reset()  # a new fit starts a new window; a resumed fit loads its state right after setup
@@ -440,7 +490,7 @@ class _CheckpointAveraging(_base.SoupCallback):
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        problem, snapshot_dir = None, None
+        problem = None
         if _dist.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own shards) when sharded
             snapshot_dir = self._snapshot_dir(trainer, pl_module)
             missing = [r["file"] for r in self._records if not (snapshot_dir / r["file"]).is_file()]
@@ -450,11 +500,17 @@ class _CheckpointAveraging(_base.SoupCallback):
                     f"{str(snapshot_dir)!r}: {missing}. Restore them, pass the `dirpath` the run used, or start "
                     "the average afresh by removing this callback's state from the checkpoint."
                 )
+            else:
+                # What training changes, each storage once: a frozen base is never copied, tied weights are one entry.
+                kept = _tensors.kept_tensors(pl_module)
+                self._store = _SnapshotStore(snapshot_dir, self.snapshots, kept)
+                names = [r["file"] for r in self._records]
+                problem = _snapshot_mismatch(snapshot_dir, names, kept)
+                if problem is None:
+                    self._store.adopt(names)  # nothing to rebuild: means are read at the end
+            if problem is not None:
+                self._close_store(raise_errors=False)
         _dist.raise_on_every_rank(trainer, problem)
-        if snapshot_dir is not None:
-            # What training changes, each storage once: a frozen base is never copied, tied weights are one entry.
-            self._store = _SnapshotStore(snapshot_dir, self.snapshots, _tensors.kept_tensors(pl_module))
-            self._store.adopt([r["file"] for r in self._records])  # nothing to rebuild: means are read at the end
 
     @override
     def on_train_batch_end(
@@ -486,6 +542,7 @@ class _CheckpointAveraging(_base.SoupCallback):
             self._store.persist(list(recipes), recipes)
 
     @override
+    @_base.restores_raw_weights
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dirpath = self._dir if self._dir is not None else self.dirpath_for(trainer)
         _base.save_final_weights(trainer, pl_module, dirpath)
@@ -518,11 +575,13 @@ class _CheckpointAveraging(_base.SoupCallback):
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close_store(raise_errors=False)
+        super().on_exception(trainer, pl_module, exception)
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
             self._close_store(raise_errors=False)
+        super().teardown(trainer, pl_module, stage)
 
     # ---------------------------------------------------------------------------------------------------- helpers
     def _load_average_(self, pl_module: Any) -> None:
@@ -580,18 +639,23 @@ class _CheckpointAveraging(_base.SoupCallback):
         self._taken += 1
         if self._store is not None:
             self._store.push(record["file"], _tensors.module_tensors(pl_module), evicted, self._file_recipe(record))
-            self._delete_unneeded(evicted)
+            self._delete_unneeded(trainer, evicted)
         if self.validate_average:
             self._log_average_metrics(trainer, pl_module, on_epoch)
 
-    def _delete_unneeded(self, evicted: str | None) -> None:
-        """Delete evicted snapshot files, except those one of the two latest checkpoints names (for resuming)."""
+    def _delete_unneeded(self, trainer: Any, evicted: str | None) -> None:
+        """Delete evicted snapshot files, except those one of the two latest checkpoints or a checkpoint that a
+        ``ModelCheckpoint`` keeps names (for resuming)."""
         assert self._store is not None
         candidates = self._retained + ([evicted] if evicted is not None else [])
         if not candidates:
             return
         window = {r["file"] for r in self._records}
         needed = window.union(*self._checkpointed)
+        if any(n not in needed for n in candidates):  # a kept Lightning checkpoint may still name them
+            needed |= _base.files_named_by_kept_checkpoints(
+                trainer, self, lambda state: [r["file"] for r in self._parse_records(state)]
+            )
         self._retained = [n for n in candidates if n in needed]
         self._store.delete_files([n for n in candidates if n not in needed])
 

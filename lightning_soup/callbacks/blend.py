@@ -35,6 +35,8 @@ PLOT_FILE = "blend.png"
 # The initial weights are written here at fit start and renamed to ANCHOR_FILE once the run is known not to be a
 # resume (strategies such as FSDP restore callback state only after ``on_fit_start``).
 _PENDING_ANCHOR_FILE = "anchor.pending.safetensors"
+# An anchor file that this fit itself overwrites (an earlier fit's final.safetensors) is copied here at fit start.
+_HELD_ANCHOR_FILE = "anchor.held.safetensors"
 _NAME = "TaskArithmeticBlend"
 
 
@@ -49,7 +51,8 @@ class _TaskArithmeticBlend(_base.SoupCallback):
 
     With a list of ratios and a ``monitor``, every ratio is scored with the module's own validation loop (the
     metrics ``trainer.validate`` would report), and the chosen ratio is the best one by ``mode`` on ``monitor``
-    among those whose metrics satisfy ``constraint`` (ties go to the first listed). When no ratio satisfies the
+    among those whose metrics satisfy ``constraint`` (ties go to the larger ratio, the one closer to the trained
+    weights, with a warning). When no ratio satisfies the
     constraint, a warning is raised and the ratio closest to satisfying it is chosen: the one with the smallest
     total normalised violation ``Σ max(0, gap) / |threshold|`` (the gap itself when the threshold is 0), ties
     broken by ``monitor``. Every rank evaluates every candidate; rank zero's choice is broadcast.
@@ -107,6 +110,8 @@ class _TaskArithmeticBlend(_base.SoupCallback):
           - `mode` can be 'min' or 'max', got 'best'
     """
 
+    _outputs = (BLENDED_FILE, REPORT_FILE, PLOT_FILE, ANCHOR_FILE, _PENDING_ANCHOR_FILE, _HELD_ANCHOR_FILE)
+
     def __init__(
         self,
         anchor: str = "initial",
@@ -158,6 +163,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         self._dirpath: Path | None = None
         self._pending_anchor = False
         self._metrics_checked = False
+        self._held_anchor: Path | None = None
 
     # ----------------------------------------------------------------------------------------------------- state
 
@@ -173,15 +179,19 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         return {"anchor": self.anchor, "anchor_saved": self._anchor_saved, "result": self.result}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._anchor_saved = bool(state_dict.get("anchor_saved", False))
-        self.result = state_dict.get("result")
+        # Checkpoint state is untrusted: checked here, once (it names no file; the anchor comes from `anchor`).
+        self._anchor_saved = _base.state_value(self, state_dict, "anchor_saved", bool, False)
+        self.result = _base.state_value(self, state_dict, "result", (dict, type(None)), None)
 
     # ----------------------------------------------------------------------------------------------------- hooks
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or _base.skip_fast_dev_run(trainer, self):
             return
+        # A new fit starts fresh (a reused instance anchors on the new fit's start); a resume loads its state later.
+        self._anchor_saved = False
+        self.result = None
         _dist.check_strategy(trainer, self)
         if self._evaluates and trainer.limit_val_batches == 0:
             raise SoupError(
@@ -199,6 +209,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         self._check_layer_patterns(trainer, pl_module)
         if self.anchor != "initial":
             self._raise_anchor_problem(trainer, pl_module, Path(self.anchor).expanduser(), check_values=True)
+            self._hold_anchor(trainer)
         elif self._anchor_saved:
             self._raise_anchor_problem(trainer, pl_module, self._anchor_path(), check_values=False)
         else:
@@ -258,6 +269,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             resolve_monitor(logged, name)
 
     @override
+    @_base.restores_raw_weights
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         from lightning_soup.merge._inplace import assign_lerp_, float32_copy, layer_weights
         from lightning_soup.merge.lora import combine_into_, lora_pairs
@@ -304,6 +316,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
                 blend_(self.ratios[0], theta)
             del theta
         del anchor
+        if self._held_anchor is not None and trainer.is_global_zero:
+            self._held_anchor.unlink(missing_ok=True)
+        self._held_anchor = None
         _dist.broadcast_module_(trainer, pl_module, kept_only=True)
 
         self.result = self._summary(rows, index, met)
@@ -311,6 +326,7 @@ class _TaskArithmeticBlend(_base.SoupCallback):
             for c in self.result["candidates"]:
                 c["lora_relative_error"] = lora_errors.get(c["ratio"])
             self.result["lora_relative_error"] = lora_errors[self.ratios[index]]
+        self._warn_on_tie(trainer)
         if met is False:
             _dist.warn_on_rank_zero(
                 trainer,
@@ -380,7 +396,32 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         return self._output_dir() / name
 
     def _anchor_path(self) -> Path:
-        return self._path(ANCHOR_FILE) if self.anchor == "initial" else Path(self.anchor).expanduser()
+        if self.anchor == "initial":
+            return self._path(ANCHOR_FILE)
+        return self._held_anchor if self._held_anchor is not None else Path(self.anchor).expanduser()
+
+    def _hold_anchor(self, trainer: Any) -> None:
+        """Copy an anchor file that this fit's callbacks overwrite before the blend reads it (for instance
+        ``<dirpath>/final.safetensors`` of an earlier fit) to ``dirpath/anchor.held.safetensors``, and blend toward
+        the copy: the anchor stays the earlier fit's weights, not this fit's own."""
+        import shutil
+
+        self._held_anchor = None
+        source = Path(self.anchor).expanduser()
+        outputs = {
+            os.path.realpath(c.dirpath_for(trainer) / name)
+            for c in trainer.callbacks
+            if isinstance(c, _base.SoupCallback)
+            for name in (*c._outputs, "final.safetensors")
+        }
+        if not source.is_file() or os.path.realpath(source) not in outputs:
+            return
+        held = self._path(_HELD_ANCHOR_FILE)
+        if trainer.is_global_zero:
+            with storage.atomic_write(held) as tmp:
+                shutil.copyfile(source, tmp)
+        trainer.strategy.barrier("lightning_soup.blend.hold_anchor")
+        self._held_anchor = held
 
     def _anchor_description(self) -> str:
         return f"initial ({self._anchor_path()})" if self.anchor == "initial" else self.anchor
@@ -427,7 +468,25 @@ class _TaskArithmeticBlend(_base.SoupCallback):
 
         scores = None if self.monitor is None else [resolve_monitor(row, self.monitor) for row in rows]
         values = [{b.metric: resolve_monitor(row, b.metric) for b in self.constraint} for row in rows]
-        return choose(scores, values, self.mode, self.constraint)
+        # Ties go to the larger ratio, the one closer to the trained weights (a short or nearly untrained fit
+        # scores every ratio the same, and the blend must not silently undo training).
+        return choose(scores, values, self.mode, self.constraint, prefer=self.ratios)
+
+    def _warn_on_tie(self, trainer: Any) -> None:
+        assert self.result is not None
+        candidates, index = self.result["candidates"], self.result["index"]
+        chosen = candidates[index]
+        if self.monitor is None or chosen["score"] is None:
+            return
+        same = ("score", "meets_constraint", "violation")
+        tied = [c["ratio"] for i, c in enumerate(candidates) if i != index and all(c[k] == chosen[k] for k in same)]
+        if tied:
+            _dist.warn_on_rank_zero(
+                trainer,
+                f"{_NAME}: ratios {sorted([*tied, chosen['ratio']])} score the same {self.monitor} "
+                f"({chosen['score']:.6g}), so the largest, {chosen['ratio']:g} (closest to the trained weights), is "
+                "chosen. Validation cannot tell them apart: train longer or validate on more data.",
+            )
 
     def _summary(self, rows: Sequence[Mapping[str, float]], index: int, met: bool | None) -> dict[str, Any]:
         from lightning_soup.callbacks._evaluate import resolve_monitor

@@ -77,6 +77,7 @@ _RECIPE_FILE = "soup.json"
 _STATE_VERSION = 1
 #: Online soup files keep each member's LoRA factors as ``lora_member.<j>.<key>`` (ΔW is not a sum of factors).
 _MEMBER = "lora_member."
+_STATUSES = ("kept", "pruned", "skipped", "accepted", "rejected", "restarted")
 
 
 class _GreedySoup(_base.SoupCallback):
@@ -110,6 +111,7 @@ class _GreedySoup(_base.SoupCallback):
     """
 
     _produces_weights = True
+    _outputs = (_SOUP_FILE, _RECIPE_FILE, _INGREDIENT_DIR, _ONLINE_DIR)
 
     def __init__(
         self,
@@ -187,11 +189,50 @@ class _GreedySoup(_base.SoupCallback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._entries = [dict(e) for e in state_dict.get("entries", [])]
-        online = state_dict.get("online")
-        self._online = None if online is None else dict(online)
-        self._retained = list(state_dict.get("retained", []))
+        # Checkpoint state is untrusted: every value is checked here, once, before any file it names is touched.
+        self._entries, self._online, self._retained = self._parse_state(state_dict)
         self._checkpointed = [self._live_files()]
+
+    def _parse_state(self, state: Any) -> tuple[list[dict[str, Any]], dict[str, Any] | None, list[str]]:
+        """``(entries, online, retained)`` from checkpoint state, checked: types, statuses, and every file name a
+        plain name in ``dirpath/ingredients`` or ``dirpath/online``.
+
+        Raises:
+            SoupError: the state is malformed or names a file outside those folders.
+        """
+        value, folders = _base.state_value, (_INGREDIENT_DIR, _ONLINE_DIR)
+        number = (int, float)
+        entries = []
+        for e in value(self, state, "entries", list, []):
+            if not isinstance(e, dict):
+                raise _base.corrupt_state(self, f"an ingredient entry is a {type(e).__name__}, not a dict")
+            entry = dict(e)
+            for key, types in (("epoch", int), ("step", int), ("score", number), ("status", str)):
+                value(self, entry, key, types)
+            if entry["status"] not in _STATUSES:
+                raise _base.corrupt_state(self, f"unknown ingredient status {entry['status']!r}")
+            file = value(self, entry, "file", (str, type(None)), None)
+            if entry["status"] == "kept" or file is not None:
+                entry["file"] = _base.state_file_name(self, file, folders)
+            value(self, entry, "reason", (str, type(None)), None)
+            for key in ("candidate_score", "soup_score"):
+                value(self, entry, key, (*number, type(None)), None)
+            entries.append(entry)
+        online = value(self, state, "online", (dict, type(None)), None)
+        if online is not None:
+            online = dict(online)
+            online["file"] = _base.state_file_name(self, value(self, online, "file", str), folders)
+            for key, types in (("count", int), ("score", number), ("first", int)):
+                value(self, online, key, types)
+            if online["count"] < 1:
+                raise _base.corrupt_state(self, f"the online soup's count is {online['count']}")
+        retained = [_base.state_file_name(self, f, folders) for f in value(self, state, "retained", list, [])]
+        return entries, online, retained
+
+    def _files_in_state(self, state: Any) -> list[str]:
+        """The files a checkpoint with this callback state needs for resuming."""
+        entries, online, _ = self._parse_state(state)
+        return [e["file"] for e in entries if e["status"] == "kept"] + ([online["file"]] if online else [])
 
     def _live_files(self) -> list[str]:
         files = [e["file"] for e in self._entries if e["status"] == "kept"]
@@ -202,7 +243,7 @@ class _GreedySoup(_base.SoupCallback):
     # ------------------------------------------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit":
+        if stage != "fit" or _base.skip_fast_dev_run(trainer, self):
             return
         self._reset()  # a new fit starts a new soup; a resumed fit loads its state right after setup
         _dist.check_strategy(trainer, self)
@@ -211,14 +252,7 @@ class _GreedySoup(_base.SoupCallback):
                 "GreedySoup scores its ingredients and candidates with your validation loop, but validation is "
                 "disabled (`Trainer(limit_val_batches=0)`). Set `limit_val_batches` > 0 and provide validation data."
             )
-        self._dir = self.prepare_dirpath(trainer)
-        mine = self._dir.resolve()
-        for other in trainer.callbacks:
-            if other is not self and isinstance(other, _GreedySoup) and other.dirpath_for(trainer).resolve() == mine:
-                raise SoupError(
-                    f"Two GreedySoup callbacks write to the same `dirpath` {str(self._dir)!r}; give each its own "
-                    "`dirpath` so their ingredients and soups do not overwrite each other."
-                )
+        self._dir = self.prepare_dirpath(trainer)  # refuses another soup callback writing the same files there
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -263,6 +297,7 @@ class _GreedySoup(_base.SoupCallback):
         self._delete_unneeded(trainer)
 
     @override
+    @_base.restores_raw_weights
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not _base.is_fitting(trainer):
             return
@@ -331,8 +366,11 @@ class _GreedySoup(_base.SoupCallback):
         entry.update(status="kept", file=name)
 
     def _delete_unneeded(self, trainer: Any) -> None:
-        """Delete files no entry uses any more, unless one of the two latest checkpoints names them (for resuming)."""
+        """Delete files no entry uses any more, unless one of the two latest checkpoints or a checkpoint that a
+        ``ModelCheckpoint`` keeps names them (for resuming)."""
         needed = set(self._live_files()).union(*self._checkpointed)
+        if any(f not in needed for f in self._retained):  # a kept Lightning checkpoint may still name them
+            needed |= _base.files_named_by_kept_checkpoints(trainer, self, self._files_in_state)
         drop = [f for f in self._retained if f not in needed]
         self._retained = [f for f in self._retained if f in needed]
         for name in drop:

@@ -46,14 +46,15 @@ def _once(out: Sequence[Tensor]) -> list[int]:
 
 
 def float32_copy(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Fresh float32 copies of `tensors` on their own devices, in one ``_foreach_copy_`` pass.
+    """Fresh float32 copies of `tensors` on their own devices, in one ``_foreach_copy_`` pass; float64 tensors stay
+    float64 (a float32 copy would round ``precision="64-true"`` weights).
 
     Example:
         >>> import torch
         >>> float32_copy([torch.tensor([1.5, 2.0], dtype=torch.bfloat16)])
         [tensor([1.5000, 2.0000])]
     """
-    out = [torch.empty_like(t, dtype=torch.float32) for t in tensors]
+    out = [torch.empty_like(t, dtype=torch.promote_types(t.dtype, torch.float32)) for t in tensors]
     if out:
         torch._foreach_copy_(out, list(tensors))
     return out
