@@ -159,20 +159,24 @@ def test_snapshot_replaced_by_another_models_weights_is_a_soup_error(lit: Simple
 # ------------------------------------------------------------------------------------------ anchors and reuse
 
 
-def test_anchor_at_an_earlier_fits_final_file_is_read_before_this_fit_overwrites_it(
-    lit: SimpleNamespace, tmp_path: Path
-) -> None:
-    fit(lit, tmp_path, [lit.soup.CheckpointAveraging(window=2, verbose=False)], max_epochs=2, limit_val_batches=0)
-    earlier = load_file(tmp_path / "soup" / "final.safetensors")
-    anchor = str(tmp_path / "soup" / "final.safetensors")
-    blend = lit.soup.TaskArithmeticBlend(anchor=anchor, ratio=0.0)  # ratio 0: the module becomes the anchor
+@pytest.mark.parametrize("anchor", ["soup/final.safetensors", "ckpt/last.ckpt"])
+def test_an_anchor_this_fit_overwrites_is_the_earlier_fits_weights(lit: SimpleNamespace, tmp_path: Path,
+                                                                   anchor: str) -> None:
+    def checkpointing() -> list:
+        return [lit.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)]
+
     capture = capture_class(lit.pl)()
-    model, _ = fit(lit, tmp_path, [capture, blend], model=make_model(lit.pl, seed=5), max_epochs=1,
-                   limit_val_batches=0)
+    fit(lit, tmp_path, [capture, lit.soup.CheckpointAveraging(window=2, verbose=False), *checkpointing()],
+        max_epochs=2, limit_val_batches=0, enable_checkpointing=True)
+    earlier = capture.end  # the earlier fit's raw weights: in final.safetensors and in last.ckpt
+    blend = lit.soup.TaskArithmeticBlend(anchor=str(tmp_path / anchor), ratio=0.0)  # ratio 0: the module = anchor
+    capture = capture_class(lit.pl)()
+    model, _ = fit(lit, tmp_path, [capture, blend, *checkpointing()], model=make_model(lit.pl, seed=5),
+                   max_epochs=1, limit_val_batches=0, enable_checkpointing=True)
     floating = {k for k, v in earlier.items() if v.is_floating_point()}
     assert_same({k: v for k, v in state_of(model).items() if k in floating}, {k: earlier[k] for k in floating})
     assert_same(load_file(tmp_path / "soup" / "final.safetensors"), capture.end)  # this fit's raw weights
-    assert not (tmp_path / "soup" / "anchor.held.safetensors").exists()
+    assert not list((tmp_path / "soup").glob("anchor.held*"))
 
 
 @pytest.mark.parametrize("same_root", [True, False])

@@ -295,30 +295,25 @@ def state_file_name(callback: Any, name: Any, folders: tuple[str, ...] = ()) -> 
     """Check a file name read from checkpoint state: a plain relative name inside ``dirpath`` (or ``folders``).
 
     Callback state is untrusted input: a crafted or damaged checkpoint must not make a callback read or delete a
-    file outside its ``dirpath`` (``../../victim``, an absolute path).
+    file outside its ``dirpath`` (``../../victim``, an absolute path). The rule is :func:`storage.confined`'s (the
+    one every reader and cleaner uses), plus the shape of the names the callback writes: ``<file>``, or
+    ``<folder>/<file>`` with ``folder`` in ``folders``.
 
     Raises:
         SoupError: ``name`` is not a string, is absolute, has a ``..`` part or lies outside ``folders``.
     """
-    from pathlib import PurePosixPath, PureWindowsPath
+    from pathlib import PurePosixPath
 
-    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-    expected = len(folders) > 0
-    ok = (
-        isinstance(name, str)
-        and bool(name)
-        and "\x00" not in name
-        and "\\" not in name
-        and not PurePosixPath(name).is_absolute()
-        and not PureWindowsPath(name).drive
-        and all(p not in ("..", ".") for p in parts)
-        and len(parts) == (2 if expected else 1)
-        and (not expected or parts[0] in folders)
-    )
-    if not ok:
-        where = f"a plain file name in one of {list(folders)}" if folders else "a plain file name"
-        raise corrupt_state(callback, f"a recorded file name {name!r} is not {where} inside `dirpath`; refusing to "
-                            "read or delete it")
+    where = f"a plain file name in one of {list(folders)}" if folders else "a plain file name"
+    try:
+        storage.confined("dirpath", name, what="a file name recorded in the callback state")
+    except SoupError as e:
+        raise corrupt_state(callback, f"a recorded file name {name!r:.120} is not {where} inside `dirpath`; "
+                            "refusing to read or delete it") from e
+    parts = PurePosixPath(name).parts
+    if len(parts) != (2 if folders else 1) or (folders and parts[0] not in folders) or "." in parts:
+        raise corrupt_state(callback, f"a recorded file name {name!r:.120} is not {where} inside `dirpath`; "
+                            "refusing to read or delete it")
     return name
 
 

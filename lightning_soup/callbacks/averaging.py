@@ -287,7 +287,7 @@ def _snapshot_mismatch(folder: Path, names: Sequence[str], live: Mapping[str, Te
     (or, with broadcastable shapes, be silently averaged in).
     """
     for name in names:
-        path = folder / name
+        path = storage.confined(folder, name)
         try:
             with storage.open_state_dict(path) as lazy:
                 found = {k: (tuple(v.shape), v.dtype) for k, v in lazy.meta().items()}
@@ -493,7 +493,8 @@ class _CheckpointAveraging(_base.SoupCallback):
         problem = None
         if _dist.owns_state(trainer, pl_module):  # rank zero under DDP; every rank (its own shards) when sharded
             snapshot_dir = self._snapshot_dir(trainer, pl_module)
-            missing = [r["file"] for r in self._records if not (snapshot_dir / r["file"]).is_file()]
+            # (Record names were checked when the state was loaded; confined again on the way to the file system.)
+            missing = [r["file"] for r in self._records if not storage.confined(snapshot_dir, r["file"]).is_file()]
             if missing:
                 problem = (
                     f"Cannot resume CheckpointAveraging: the checkpoint names snapshot files that are missing from "

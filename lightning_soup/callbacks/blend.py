@@ -35,8 +35,8 @@ PLOT_FILE = "blend.png"
 # The initial weights are written here at fit start and renamed to ANCHOR_FILE once the run is known not to be a
 # resume (strategies such as FSDP restore callback state only after ``on_fit_start``).
 _PENDING_ANCHOR_FILE = "anchor.pending.safetensors"
-# An anchor file that this fit itself overwrites (an earlier fit's final.safetensors) is copied here at fit start.
-_HELD_ANCHOR_FILE = "anchor.held.safetensors"
+# An anchor file this fit may replace (an earlier fit's final.safetensors or last.ckpt) is held here from fit start.
+_HELD_ANCHOR_STEM = "anchor.held"
 _NAME = "TaskArithmeticBlend"
 
 
@@ -110,7 +110,8 @@ class _TaskArithmeticBlend(_base.SoupCallback):
           - `mode` can be 'min' or 'max', got 'best'
     """
 
-    _outputs = (BLENDED_FILE, REPORT_FILE, PLOT_FILE, ANCHOR_FILE, _PENDING_ANCHOR_FILE, _HELD_ANCHOR_FILE)
+    _outputs = (BLENDED_FILE, REPORT_FILE, PLOT_FILE, ANCHOR_FILE, _PENDING_ANCHOR_FILE,
+                _HELD_ANCHOR_STEM + ".safetensors", _HELD_ANCHOR_STEM + ".ckpt")
 
     def __init__(
         self,
@@ -401,25 +402,36 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         return self._held_anchor if self._held_anchor is not None else Path(self.anchor).expanduser()
 
     def _hold_anchor(self, trainer: Any) -> None:
-        """Copy an anchor file that this fit's callbacks overwrite before the blend reads it (for instance
-        ``<dirpath>/final.safetensors`` of an earlier fit) to ``dirpath/anchor.held.safetensors``, and blend toward
-        the copy: the anchor stays the earlier fit's weights, not this fit's own."""
+        """Keep the anchor as it is now when this fit may replace or delete it before the blend reads it.
+
+        That is an anchor among this fit's soup outputs (``<dirpath>/final.safetensors`` of an earlier fit) or in a
+        ``ModelCheckpoint`` folder (``last.ckpt``, a top-k file). It is hard-linked (copied where links do not
+        work) to ``dirpath/anchor.held.<suffix>`` and the blend reads that: every writer replaces files by rename,
+        so the link keeps the earlier weights, and the blend never anchors on this fit's own.
+        """
         import shutil
 
         self._held_anchor = None
         source = Path(self.anchor).expanduser()
+        if not source.is_file():
+            return
+        real = os.path.realpath(source)
         outputs = {
             os.path.realpath(c.dirpath_for(trainer) / name)
             for c in trainer.callbacks
             if isinstance(c, _base.SoupCallback)
             for name in (*c._outputs, "final.safetensors")
         }
-        if not source.is_file() or os.path.realpath(source) not in outputs:
+        folders = {os.path.realpath(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        if real not in outputs and os.path.dirname(real) not in folders:
             return
-        held = self._path(_HELD_ANCHOR_FILE)
+        held = self._path(_HELD_ANCHOR_STEM + source.suffix)
         if trainer.is_global_zero:
             with storage.atomic_write(held) as tmp:
-                shutil.copyfile(source, tmp)
+                try:
+                    os.link(real, tmp)
+                except OSError:
+                    shutil.copyfile(real, tmp)
         trainer.strategy.barrier("lightning_soup.blend.hold_anchor")
         self._held_anchor = held
 

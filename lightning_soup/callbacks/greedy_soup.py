@@ -607,7 +607,8 @@ class _GreedySoup(_base.SoupCallback):
         """Where ``name`` (``"ingredients/<file>"`` or ``"online/<file>"``) lives for this rank: in
         ``dirpath/<folder>/`` (rank zero's) under DDP, in ``dirpath/<folder>/rank{R}/`` when sharded."""
         folder, _, file = name.partition("/")
-        return _dist.rank_dir(trainer, pl_module, self._root(trainer), folder) / file
+        # Names come from checkpoint state (checked at load) or are made here; confined on every read and delete.
+        return storage.confined(_dist.rank_dir(trainer, pl_module, self._root(trainer), folder), file)
 
     def _owned_paths(self, trainer: Any, name: str) -> list[Path]:
         """The files of ``name`` this rank is responsible for (for deletion)."""
