@@ -106,6 +106,10 @@ _CORRUPT = [
     (lambda: _CheckpointAveraging(window=1), {"records": [{"file": "a", "epoch": 0, "step": 1}] * 2}, "2 records"),
     (lambda: _GreedySoup(monitor="val/acc"), {"entries": [{"epoch": 0, "step": 6, "score": 0.5}]}, "'status'"),
     (lambda: _GreedySoup(monitor="val/acc"), {"entries": [["epoch", 0]]}, "not a dict"),
+    (lambda: _CheckpointAveraging(window=2), {"records": [{"file": "a", "epoch": 0, "step": 1}] * 2}, "more than once"),
+    (lambda: _GreedySoup(monitor="val/acc"),
+     {"entries": [{"epoch": e, "step": e, "score": 0.5, "file": "ingredients/a", "status": "kept"} for e in (0, 1)]},
+     "more than once"),
     (lambda: _GreedySoup(monitor="val/acc"), {"online": {"file": "online/x.safetensors", "count": "2", "score": 1.0,
                                                           "first": 0}}, "'count' must be int"),
     (lambda: _TaskArithmeticBlend(), {"anchor_saved": "yes"}, "'anchor_saved' must be bool"),
@@ -469,3 +473,15 @@ def test_the_pytorch_lightning_flavour_under_lightning_points_to_the_right_impor
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert "lightning_soup.lightning.CheckpointAveraging" in out.stdout, out.stderr
+
+
+# ---------------------------------------------------------------------------------------- adversarial review
+
+
+def test_online_soup_with_bfloat16_weights(lit: SimpleNamespace, tmp_path: Path) -> None:
+    # The online soup keeps float32 sums; its file check must not take them for another model's weights.
+    model, _ = fit(lit, tmp_path, [lit.soup.GreedySoup(monitor="val/acc", online=True, verbose=False)], max_epochs=2,
+                   precision="bf16-true")
+    soup = load_file(tmp_path / "soup" / "soup.safetensors")
+    assert soup["net.0.weight"].dtype == torch.bfloat16
+    assert_same(state_of(model), soup)

@@ -463,7 +463,7 @@ class _CheckpointAveraging(_base.SoupCallback):
         records = value(self, state_dict, "records", list, [])
         if len(records) > self.window:
             raise _base.corrupt_state(self, f"{len(records)} records for a window of {self.window}")
-        return [
+        parsed = [
             {
                 "file": _base.state_file_name(self, value(self, r, "file", str)),
                 "epoch": value(self, r, "epoch", int),
@@ -471,6 +471,10 @@ class _CheckpointAveraging(_base.SoupCallback):
             }
             for r in records
         ]
+        files = [r["file"] for r in parsed]
+        if len(set(files)) != len(files):  # one snapshot counted twice would skew the average
+            raise _base.corrupt_state(self, f"a snapshot is listed more than once: {files}")
+        return parsed
 
     # ------------------------------------------------------------------------------------------------------ hooks
     @override

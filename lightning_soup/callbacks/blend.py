@@ -411,29 +411,25 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         """
         import shutil
 
-        self._held_anchor = None
+        held = None
         source = Path(self.anchor).expanduser()
-        if not source.is_file():
-            return
-        real = os.path.realpath(source)
-        outputs = {
-            os.path.realpath(c.dirpath_for(trainer) / name)
-            for c in trainer.callbacks
-            if isinstance(c, _base.SoupCallback)
-            for name in (*c._outputs, "final.safetensors")
-        }
-        folders = {os.path.realpath(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
-        if real not in outputs and os.path.dirname(real) not in folders:
-            return
-        held = self._path(_HELD_ANCHOR_STEM + source.suffix)
-        if trainer.is_global_zero:
-            with storage.atomic_write(held) as tmp:
-                try:
-                    os.link(real, tmp)
-                except OSError:
-                    shutil.copyfile(real, tmp)
-        trainer.strategy.barrier("lightning_soup.blend.hold_anchor")
-        self._held_anchor = held
+        if trainer.is_global_zero and source.is_file():  # rank zero alone reads the anchor (no shared filesystem)
+            real = os.path.realpath(source)
+            outputs = {
+                os.path.realpath(c.dirpath_for(trainer) / name)
+                for c in trainer.callbacks
+                if isinstance(c, _base.SoupCallback)
+                for name in (*c._outputs, "final.safetensors")
+            }
+            folders = {os.path.realpath(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+            if real in outputs or os.path.dirname(real) in folders:
+                held = self._path(_HELD_ANCHOR_STEM + source.suffix)
+                with storage.atomic_write(held) as tmp:
+                    try:
+                        os.link(real, tmp)
+                    except OSError:
+                        shutil.copyfile(real, tmp)
+        self._held_anchor = trainer.strategy.broadcast(held)
 
     def _anchor_description(self) -> str:
         return f"initial ({self._anchor_path()})" if self.anchor == "initial" else self.anchor

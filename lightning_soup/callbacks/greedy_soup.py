@@ -218,6 +218,9 @@ class _GreedySoup(_base.SoupCallback):
             for key in ("candidate_score", "soup_score"):
                 value(self, entry, key, (*number, type(None)), None)
             entries.append(entry)
+        kept = [e["file"] for e in entries if e["status"] == "kept"]
+        if len(set(kept)) != len(kept):  # one ingredient in the soup twice would skew it
+            raise _base.corrupt_state(self, f"an ingredient file is listed more than once: {kept}")
         online = value(self, state, "online", (dict, type(None)), None)
         if online is not None:
             online = dict(online)
@@ -397,7 +400,13 @@ class _GreedySoup(_base.SoupCallback):
                     "from the checkpoint."
                 )
             else:
-                problem = _mismatch(paths, _tensors.kept_tensors(pl_module), _tensors.module_tensors(pl_module))
+                kept, every = _tensors.kept_tensors(pl_module), _tensors.module_tensors(pl_module)
+                # An online soup file holds float32 (float64) running sums: for bf16 weights its dtypes differ.
+                sums = {k: v.to("meta", torch.promote_types(v.dtype, torch.float32)) if v.is_floating_point() else v
+                        for k, v in kept.items()}
+                for path, name in zip(paths, names):
+                    if problem is None:
+                        problem = _mismatch([path], sums if name.startswith(f"{_ONLINE_DIR}/") else kept, every)
         if _dist.world_size(trainer) > 1:
             ok = trainer.strategy.reduce_boolean_decision(problem is None, all=True)
             if not ok and problem is None:
