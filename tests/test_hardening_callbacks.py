@@ -485,3 +485,14 @@ def test_online_soup_with_bfloat16_weights(lit: SimpleNamespace, tmp_path: Path)
     soup = load_file(tmp_path / "soup" / "soup.safetensors")
     assert soup["net.0.weight"].dtype == torch.bfloat16
     assert_same(state_of(model), soup)
+
+
+def test_64_bit_precision_blend_sweep_keeps_float64(lit: SimpleNamespace, tmp_path: Path) -> None:
+    # The sweep's copy of θ stays float64 (a float32 copy would round the trained weights at ratio 1).
+    capture = capture_class(lit.pl)()
+    blend = lit.soup.TaskArithmeticBlend(ratio=[0.5, 1.0], monitor="val/const")
+    with pytest.warns(UserWarning, match="score the same"):
+        model, _ = fit(lit, tmp_path, [capture, blend], model=constant_metric_model(lit.pl), max_epochs=1,
+                       precision="64-true")
+    assert capture.end["net.0.weight"].dtype == torch.float64
+    assert_same(state_of(model), capture.end)
