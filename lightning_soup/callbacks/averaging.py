@@ -19,8 +19,9 @@ the exact weights of each shape).
 
 Resuming. The callback's checkpoint state is plain counters and file names; on ``trainer.fit(..., ckpt_path=...)``
 the window continues from the snapshot files the checkpoint names, exactly as if training had not stopped.
-Snapshot files that leave the window are deleted, unless one of the two most recent Lightning checkpoints still
-names them. In ``snapshots="cpu"`` mode the window's snapshots are written to disk when (and
+Snapshot files that leave the window are deleted, unless one of the two most recent Lightning checkpoints, or any
+checkpoint a ``ModelCheckpoint`` keeps, still names them. The state is checked when it is loaded (types, file names
+confined to ``dirpath``), and the snapshots it names when training starts (keys, shapes, dtypes). In ``snapshots="cpu"`` mode the window's snapshots are written to disk when (and
 only when) a checkpoint is saved.
 
 Distributed training. Under DDP-like replicated strategies the replicas are identical, so global rank zero alone
@@ -290,7 +291,8 @@ def _snapshot_mismatch(folder: Path, names: Sequence[str], live: Mapping[str, Te
         path = storage.confined(folder, name)
         try:
             with storage.open_state_dict(path) as lazy:
-                found = {k: (tuple(v.shape), v.dtype) for k, v in lazy.meta().items()}
+                # (older versions kept compiled modules' `_orig_mod.` in the keys)
+                found = {_tensors.canonical_key(k): (tuple(v.shape), v.dtype) for k, v in lazy.meta().items()}
         except SoupError as e:
             return f"Cannot resume CheckpointAveraging: the snapshot {str(path)!r} is unreadable ({e})."
         missing = sorted(k for k in live if k not in found)

@@ -34,7 +34,8 @@ recipe is printed on rank zero.
 Resuming. The checkpoint state is plain types (ingredient files, scores, epochs, steps), so ``fit(ckpt_path=...)``
 continues with the ingredients already on disk and ends with the same soup as an uninterrupted run. Files an
 ingredient drops out of (``max_ingredients``, online sums) are deleted only once neither of the two latest
-checkpoints names them; a checkpoint whose files are missing fails at resume with the list of them.
+checkpoints nor any checkpoint a ``ModelCheckpoint`` keeps names them; a checkpoint whose files are missing fails at
+resume with the list of them, and state with malformed values or file names outside ``dirpath`` fails when loaded.
 
 Distributed training. Every rank takes part in every candidate validation; scores are global rank zero's
 (broadcast), so every rank makes the same decisions. No shared filesystem is assumed. Under replicated strategies
