@@ -43,8 +43,8 @@ def state_of(model: Any) -> dict[str, torch.Tensor]:
 
 def assert_same(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(actual[key].cpu(), expected[key].cpu()), key
+    for key, want in expected.items():
+        assert torch.equal(actual[key].cpu(), want.cpu()), key
 
 
 def fit(lit: SimpleNamespace, root: Path, callbacks: list, model: Any = None, ckpt_path: Any = None, **kw: Any) -> Any:
@@ -130,10 +130,12 @@ def test_corrupted_state_is_a_soup_error_naming_the_callback_and_the_way_out(mak
 
 def test_resumed_checkpoint_naming_a_victim_file_leaves_it_alone(lit: SimpleNamespace, tmp_path: Path) -> None:
     ckpt_dir = tmp_path / "ckpt"
-    make_callbacks = lambda: [  # noqa: E731
-        lit.soup.CheckpointAveraging(window=1, verbose=False),
-        lit.pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True),
-    ]
+    def make_callbacks() -> list:
+        return [
+            lit.soup.CheckpointAveraging(window=1, verbose=False),
+            lit.pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True),
+        ]
+
     fit(lit, tmp_path, make_callbacks(), max_epochs=2, enable_checkpointing=True, limit_val_batches=0)
     victim = tmp_path / "victim.safetensors"
     save_file({"secret": torch.ones(2)}, victim)
@@ -148,10 +150,12 @@ def test_resumed_checkpoint_naming_a_victim_file_leaves_it_alone(lit: SimpleName
 
 
 def test_snapshot_replaced_by_another_models_weights_is_a_soup_error(lit: SimpleNamespace, tmp_path: Path) -> None:
-    make_callbacks = lambda: [  # noqa: E731
-        lit.soup.CheckpointAveraging(window=2, verbose=False),
-        lit.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
-    ]
+    def make_callbacks() -> list:
+        return [
+            lit.soup.CheckpointAveraging(window=2, verbose=False),
+            lit.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True),
+        ]
+
     fit(lit, tmp_path, make_callbacks(), max_epochs=2, enable_checkpointing=True, limit_val_batches=0)
     snapshot = tmp_path / "soup" / "snapshots" / "epoch=1-step=12.safetensors"
     save_file({k: v.contiguous() for k, v in make_model(lit.pl, hidden=4).state_dict().items()}, snapshot)
@@ -393,11 +397,13 @@ def test_every_n_epochs_none_with_a_step_schedule_averages_the_step_snapshots(
 
 
 def test_resuming_from_an_older_top_k_checkpoint_works(lit: SimpleNamespace, tmp_path: Path) -> None:
-    make_callbacks = lambda: [  # noqa: E731
-        lit.soup.CheckpointAveraging(window=1, verbose=False),
-        lit.soup.GreedySoup(monitor="val/acc", max_ingredients=1, verbose=False),
-        lit.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"),
-    ]
+    def make_callbacks() -> list:
+        return [
+            lit.soup.CheckpointAveraging(window=1, verbose=False),
+            lit.soup.GreedySoup(monitor="val/acc", max_ingredients=1, verbose=False),
+            lit.pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, filename="{epoch}"),
+        ]
+
     fit(lit, tmp_path, make_callbacks(), max_epochs=4, enable_checkpointing=True)
     # Every checkpoint is kept (top-k = all), so the files each one names must still be there.
     fit(lit, tmp_path, make_callbacks(), ckpt_path=tmp_path / "ckpt" / "epoch=0.ckpt", max_epochs=2,
@@ -470,8 +476,10 @@ def test_the_pytorch_lightning_flavour_under_lightning_points_to_the_right_impor
             print(e)
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    path = os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
+    out = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, env=env,
+                         timeout=120)
     assert "lightning_soup.lightning.CheckpointAveraging" in out.stdout, out.stderr
 
 

@@ -172,9 +172,11 @@ def _restore_raw_weights(trainer: Any, pl_module: Any, scratch: dict[str, Any]) 
             load_into_module_(pl_module, raw)
         elif final is not None:
             load_into_module_(pl_module, storage.load_state_dict(final[1]))
-    except Exception as e:  # the original error matters more; say where the raw weights are
+    except Exception as e:  # noqa: BLE001 - the original error matters more; say where the raw weights are
         where = f" They are in {str(final[1])!r}." if final is not None else ""
-        warn_on_rank_zero(trainer, f"Could not put the raw trained weights back into the module after a failure ({e}).{where}")
+        warn_on_rank_zero(
+            trainer, f"Could not put the raw trained weights back into the module after a failure ({e}).{where}"
+        )
 
 
 def _finish_skipped_fit(callback: Any, trainer: Any, pl_module: Any) -> None:
@@ -490,5 +492,5 @@ def _names_in_checkpoint(path: str, callback: Any, names: Callable[[Any], list[s
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = checkpoint.get("callbacks", {}).get(callback.state_key)
         return frozenset(names(state)) if state is not None else frozenset()
-    except Exception:  # not ours to judge here: resuming from it reports the problem
+    except Exception:  # noqa: BLE001 - not ours to judge here: resuming from it reports the problem
         return frozenset()

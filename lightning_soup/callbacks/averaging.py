@@ -21,8 +21,8 @@ Resuming. The callback's checkpoint state is plain counters and file names; on `
 the window continues from the snapshot files the checkpoint names, exactly as if training had not stopped.
 Snapshot files that leave the window are deleted, unless one of the two most recent Lightning checkpoints, or any
 checkpoint a ``ModelCheckpoint`` keeps, still names them. The state is checked when it is loaded (types, file names
-confined to ``dirpath``), and the snapshots it names when training starts (keys, shapes, dtypes). In ``snapshots="cpu"`` mode the window's snapshots are written to disk when (and
-only when) a checkpoint is saved.
+confined to ``dirpath``), and the snapshots it names when training starts (keys, shapes, dtypes). In
+``snapshots="cpu"`` mode the window's snapshots are written to disk when (and only when) a checkpoint is saved.
 
 Distributed training. Under DDP-like replicated strategies the replicas are identical, so global rank zero alone
 keeps the window (the other ranks keep only the counters), and nothing is communicated during
