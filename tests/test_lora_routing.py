@@ -250,3 +250,19 @@ def test_methods_not_defined_on_factors_refuse_them_and_say_what_to_do(method):
     assert "--merge-into BASE" in message and "merge.delta_weight" in message
     # the same method on the dense weights (no factor keys) is not refused
     REFUSING[method](ordinary(base), [ordinary(ft) for ft in fts])
+
+
+@pytest.mark.parametrize("command", ["average", "blend", "ties"])
+def test_cli_refuses_plain_files_with_lora_factors_instead_of_merging_them_factor_by_factor(tmp_path, capsys, command):
+    from lightning_soup.cli import main
+
+    paths = [tmp_path / f"{i}.safetensors" for i in range(2)]
+    for seed, path in enumerate(paths):
+        storage.save_state_dict(adapter_sd(70 + seed), path)
+    out = tmp_path / "out.safetensors"
+    args = {"average": [*paths], "blend": ["--anchor", paths[0], "--model", paths[1], "--ratio", "0.5"],
+            "ties": ["--base", paths[0], paths[1], "--density", "0.5"]}[command]
+    assert main([command, *map(str, args), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "holds 3 PEFT LoRA pair(s)" in err and "adapter folders" in err and "--merge-into BASE" in err
+    assert not out.exists()

@@ -197,6 +197,20 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def refuse_lora_factors(inputs: Sequence[Input]) -> None:
+    """Files holding PEFT LoRA pairs cannot be merged key by key (ΔW = B·A needs both factors of every input)."""
+    from lightning_soup.merge.lora import lora_pairs
+
+    pairs = lora_pairs(inputs[0].meta())
+    if pairs:
+        raise SoupError(
+            f"{inputs[0].name}: holds {len(pairs)} PEFT LoRA pair(s) (e.g. {pairs[0].a_key!r}), which merge on "
+            "ΔW = B·A, never factor by factor; pass the adapters as adapter folders (`save_pretrained`: "
+            "adapter_model.safetensors + adapter_config.json), with --merge-into BASE for dense weights, or merge "
+            "the state dicts in Python (`lightning_soup.merge.uniform_soup` and friends route LoRA pairs on ΔW)"
+        )
+
+
 def check_compatible(inputs: Sequence[Input]) -> None:
     """Every incompatibility is found on the headers before any data is read; the first is reported in one line."""
     from lightning_soup.merge._checks import check_compatible as core_check
@@ -308,6 +322,7 @@ def run_merge(args: Namespace, argv: Sequence[str]) -> int:
         inputs = open_inputs(stack, plan.inputs, args.prefix, opener=opener)
         check_output(output, args, inputs)
         check_compatible(inputs)
+        refuse_lora_factors(inputs)
         if plan.check is not None:
             plan.check(list(inputs[0]))
         specs = output_specs(plan, inputs, target)
