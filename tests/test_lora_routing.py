@@ -103,7 +103,8 @@ def test_uniform_soup_averages_delta_w_of_separate_runs(n):
     # factor by factor (the old behaviour) is a different model, further from the exact mean
     a, b = PAIRS[0][1], PAIRS[0][2]
     exact = sum(dense(sd, a, b) for sd in sds) / n
-    factor_mean = SCALING * (sum(sd[b].double() for sd in sds) / n).numpy() @ (sum(sd[a].double() for sd in sds) / n).numpy()
+    mean_b, mean_a = (sum(sd[k].double() for sd in sds).numpy() / n for k in (b, a))
+    factor_mean = SCALING * mean_b @ mean_a
     assert np.linalg.norm(dense(out, a, b) - exact) < np.linalg.norm(factor_mean - exact)
     # ordinary keys: the elementwise mean (the orphan lora_A and the LoRA bias included), buffers copied
     assert list(out) == list(sds[0])
@@ -217,9 +218,10 @@ def test_lazy_inputs_are_routed(tmp_path):
     sds = [adapter_sd(seed) for seed in (40, 41)]
     for i, sd in enumerate(sds):
         storage.save_state_dict(sd, tmp_path / f"{i}.safetensors")
-    with storage.open_state_dict(tmp_path / "0.safetensors") as a, storage.open_state_dict(tmp_path / "1.safetensors") as b:
-        with pytest.warns(UserWarning, match="lora_uniform_soup"):
-            out = uniform_soup([a, b])
+    with storage.open_state_dict(tmp_path / "0.safetensors") as a, \
+            storage.open_state_dict(tmp_path / "1.safetensors") as b, \
+            pytest.warns(UserWarning, match="lora_uniform_soup"):
+        out = uniform_soup([a, b])
     assert_pairs_are_best_rank_r(out, lambda ak, bk: (dense(sds[0], ak, bk) + dense(sds[1], ak, bk)) / 2)
 
 
