@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import importlib
+import os
+import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,3 +47,29 @@ def test_ingredients_are_read_once_by_the_background_reader(tmp_path: Path, monk
     floating = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
     expected = mean64(members)
     assert_close_states(floating, {k: expected[k] for k in floating})
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_gets_a_working_background_reader() -> None:
+    """A process forked after a soup was built (ddp_fork, ddp_notebook, a test runner) inherits the reader object but
+    not its thread: a read submitted in the child must still run instead of waiting forever."""
+    greedy = importlib.import_module("lightning_soup.callbacks.greedy_soup")
+    assert greedy._prefetcher().submit(lambda: 1).result(timeout=30) == 1  # the parent's reader thread now exists
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            code = 0 if greedy._prefetcher().submit(lambda: 2).result(timeout=20) == 2 else 2
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child's background reader never ran")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child ended with status {status}"

@@ -52,6 +52,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -671,7 +672,25 @@ def _members(stored: Mapping[str, Tensor], count: int, factor_keys: list[str]) -
 
 
 # One background reader for every GreedySoup: reading the next ingredient overlaps validating the current candidate.
-_PREFETCH = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-ingredients")
+# Created on first use and forgotten in a forked child (ddp_fork, ddp_notebook, a test runner's fork): the child
+# inherits the executor object but not its thread, so work submitted to it there would never run.
+_prefetch_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _prefetcher() -> concurrent.futures.ThreadPoolExecutor:
+    global _prefetch_pool
+    if _prefetch_pool is None:
+        _prefetch_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-ingredients")
+    return _prefetch_pool
+
+
+def _forget_prefetcher() -> None:
+    global _prefetch_pool
+    _prefetch_pool = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_prefetcher)
 
 
 def _candidate_device(pl_module: Any, count: int) -> torch.device:
@@ -718,7 +737,7 @@ class _Ingredient(Mapping[str, Tensor]):
         tensor comes through a broadcast that must stay in step with the other ranks' collectives."""
         if self._broadcast or self._fetched is not None or self._data is not None:
             return
-        self._fetched = _PREFETCH.submit(self._read_all)
+        self._fetched = _prefetcher().submit(self._read_all)
 
     def _read_all(self) -> dict[str, Tensor]:
         out = {}

@@ -1,7 +1,8 @@
 """Run ``soup_worker.run`` in a child process with a timeout, and report how it ended.
 
-On POSIX the child is forked from the test process, so torch and Lightning are already imported (a fresh
-interpreter takes 5–20 s just to import them on a loaded two-core machine); ``SOUP_CRASH_SPAWN=1`` (or a platform
+On POSIX the child is forked from a ``forkserver`` that has torch and Lightning imported (a fresh interpreter takes
+5–20 s just to import them on a loaded two-core machine) but has never run a kernel, so torch's OpenMP pool in the
+test process cannot deadlock the child; ``SOUP_CRASH_SPAWN=1`` (or a platform
 without ``fork``) runs ``python tests/crash/soup_worker.py`` instead. Either way the child is a real process that
 SIGKILL ends with no cleanup, writes only under its ``out`` folder, and logs to ``out/log-<n>.txt``.
 """
@@ -12,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -67,43 +67,63 @@ def _warm_imports(flavour: str) -> None:
             pass
 
 
+_SERVER: Any = None
+
+
+def _context(flavour: str) -> Any:
+    """A ``forkserver`` context whose server imported torch, Lightning and the callbacks but never computed.
+
+    Children are forked from that clean server, not from the test process: once the test process has run torch's
+    OpenMP thread pool (any earlier test that trained a model big enough), a child forked from it hangs in its first
+    parallel kernel (GNU OpenMP is not fork-safe). The server starts once per session.
+    """
+    global _SERVER
+    import multiprocessing
+
+    if _SERVER is None:
+        _SERVER = multiprocessing.get_context("forkserver")
+        _SERVER.set_forkserver_preload(["tests.crash._child", "tests.crash.soup_worker"])
+    _warm_imports(flavour)
+    return _SERVER
+
+
+def _child_main(out: Path, log: Path, kwargs: dict[str, Any]) -> None:
+    code = 1
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
+        os.setpgid(0, 0)  # its own process group, so a timeout kills anything it started
+        _warm_imports(kwargs.get("flavour", "pytorch_lightning"))
+        from tests.crash.soup_worker import run
+
+        run(out, **kwargs)
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported through the log and the exit code
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+
+
 def _fork(out: Path, log: Path, timeout: float, **kwargs: Any) -> int:
-    _warm_imports(kwargs.get("flavour", "pytorch_lightning"))
+    ctx = _context(kwargs.get("flavour", "pytorch_lightning"))
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:  # the child: never returns into the test runner
-        code = 1
+    proc = ctx.Process(target=_child_main, args=(out, log, kwargs), daemon=False)
+    proc.start()
+    proc.join(timeout)
+    if proc.exitcode is None:
         try:
-            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            sys.stdout = sys.stderr = open(fd, "w", buffering=1, closefd=False)  # noqa: SIM115
-            os.setpgid(0, 0)  # its own process group, so a timeout kills anything it started
-            from tests.crash.soup_worker import run
-
-            run(out, **kwargs)
-            code = 0
-        except BaseException:  # noqa: BLE001 - reported through the log and the exit code
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-            finally:
-                os._exit(code)
-    deadline = time.monotonic() + timeout
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-            raise AssertionError(f"soup_worker {kwargs} timed out after {timeout:.0f}s:\n{tail(log)}")
-        time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            proc.kill()
+        proc.join()
+        raise AssertionError(f"soup_worker {kwargs} timed out after {timeout:.0f}s:\n{tail(log)}")
+    return proc.exitcode
 
 
 def _spawn(out: Path, log: Path, timeout: float, **kwargs: Any) -> int:
