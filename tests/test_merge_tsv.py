@@ -131,3 +131,28 @@ def test_low_rank_task_vectors_have_one_merge() -> None:
     vh = np.concatenate([p[2][:2] for p in parts], 0)
     expected = polar(u) @ np.diag(np.concatenate([p[1][:2] for p in parts])) @ polar(vh)
     np.testing.assert_allclose(out, expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["tsv_merge", "iso_c", "iso_cts"])
+def test_an_svd_that_fails_to_converge_in_float32_is_retried_in_float64(
+    monkeypatch: pytest.MonkeyPatch, method: str
+) -> None:
+    """LAPACK's float32 gesdd can fail to converge on real task vectors: the merge retries in float64 instead of
+    raising, and gives the float64 reference to float32 rounding."""
+    from lightning_soup import merge
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(12, 9, generator=gen)}
+    fts = [{"w": base["w"] + 0.1 * torch.randn(12, 9, generator=gen)} for _ in range(2)]
+    expected = getattr(merge, method)({"w": base["w"].double()}, [{"w": f["w"].double()} for f in fts])["w"]
+    real_svd = torch.linalg.svd
+
+    def flaky_svd(x: torch.Tensor, *args: object, **kwargs: object) -> tuple[torch.Tensor, ...]:
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", flaky_svd)
+    out = getattr(merge, method)(base, fts)["w"]
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)

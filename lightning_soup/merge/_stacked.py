@@ -96,6 +96,21 @@ def significant(s: Tensor, m: int, n: int, scale: Tensor | None = None) -> Tenso
     return s > torch.finfo(s.dtype).eps * max(m, n) * ref
 
 
+def svd(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Reduced ``torch.linalg.svd(x)``, retried in float64 when LAPACK's float32 divide-and-conquer fails to converge.
+
+    gesdd can fail on ill-conditioned float32 input (seen on one CPU thread with real fine-tunes' task vectors); the
+    float64 retry gives the same factors to float32 rounding, returned in `x`'s dtype.
+    """
+    try:
+        return torch.linalg.svd(x, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        if x.dtype == torch.float64:
+            raise
+        u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+        return u.to(x.dtype), s.to(x.dtype), vh.to(x.dtype)
+
+
 def polar(x: Tensor) -> Tensor:
     """The orthogonal polar factor ``P @ Qh`` of ``x = P·Σ·Qh`` (reduced SVD), batched over leading dimensions.
 
@@ -105,7 +120,7 @@ def polar(x: Tensor) -> Tensor:
     count) the pairs of numerically zero ``Σ`` are left out: the unique partial isometry on `x`'s range, where
     ``P @ Qh`` would add an arbitrary (device-dependent) map between the null spaces.
     """
-    p, sigma, qh = torch.linalg.svd(x, full_matrices=False)
+    p, sigma, qh = svd(x)
     m, n = x.shape[-2:]
     return (p * significant(sigma, m, n).unsqueeze(-2)) @ qh
 

@@ -16,10 +16,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
-from lightning_soup.merge._stacked import is_matrix, merge_state_dicts, significant
+from lightning_soup.merge._stacked import is_matrix, merge_state_dicts, significant, svd
 from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["iso_c"]
@@ -76,6 +75,6 @@ def iso_c_delta(taus: Tensor) -> Tensor:
     if not is_matrix(taus):
         return taus.mean(0)
     _, m, n = taus.shape
-    u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    u, s, vh = svd(taus.sum(0))
     # directions of numerically zero singular values are arbitrary (a rank-deficient sum): left out
     return ((u * significant(s, m, n)) @ vh).mul_(s.mean())

@@ -34,6 +34,7 @@ from lightning_soup.merge._stacked import (
     merge_state_dicts,
     polar_pair,
     significant,
+    svd,
 )
 from lightning_soup.merge.lora import _refuse_pairs
 
@@ -111,13 +112,13 @@ def iso_cts_delta(taus: Tensor, common_fraction: float) -> Tensor:
         return taus.mean(0)
     t, m, n = taus.shape
     kc, s = subspace_sizes(min(m, n), t, common_fraction)
-    u, sv, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    u, sv, vh = svd(taus.sum(0))
     keep_c = significant(sv, m, n)  # numerically null directions are arbitrary: kept out of every product
     if s == 0:  # the common subspace is everything: Iso-C (U and Vh are already orthonormal)
         return ((u * keep_c) @ vh).mul_(sv.mean())
     uc, sc, vhc, keep_c = u[:, :kc] * keep_c[:kc], sv[:kc], vh[:kc], keep_c[:kc]
     specific = taus - uc @ (uc.mT @ taus)  # (T, m, n): each τᵢ without its component in the common subspace
-    ut, st, vht = torch.linalg.svd(specific, full_matrices=False)
+    ut, st, vht = svd(specific)
     del specific
     keep_t = significant(st, m, n, scale=sv[:1].maximum(st[:, 0].amax()))[:, :s].reshape(t * s)
     ut, st, vht = concat_top(ut, st, vht, s)  # (m, Ts), (Ts,), (Ts, n)

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor
 
-from lightning_soup.merge._stacked import concat_top, is_matrix, merge_state_dicts, polar_pair, significant
+from lightning_soup.merge._stacked import concat_top, is_matrix, merge_state_dicts, polar_pair, significant, svd
 from lightning_soup.merge.lora import _refuse_pairs
 
 __all__ = ["tsv_merge"]
@@ -87,7 +86,7 @@ def tsv_delta(taus: Tensor) -> Tensor:
         return taus.mean(0)
     t, m, n = taus.shape
     k = max(1, min(m, n) // t)
-    u, s, vh = torch.linalg.svd(taus, full_matrices=False)  # (T, m, r), (T, r), (T, r, n)
+    u, s, vh = svd(taus)  # (T, m, r), (T, r), (T, r, n)
     keep = significant(s, m, n)[:, :k].reshape(t * k)
     u, s, vh = concat_top(u, s, vh, k)  # (m, Tk), (Tk,), (Tk, n)
     # numerically null directions (a task vector of rank < k) are arbitrary: zeroed, they cannot sway the others
