@@ -80,11 +80,13 @@ def test_deterministic() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("slice_size", [7, 1 << 20])
-def test_tied_magnitudes_keep_exactly_k_lowest_indices(monkeypatch, dtype, slice_size) -> None:
+@pytest.mark.parametrize(("slice_size", "small"), [(7, 1 << 16), (1 << 20, 0), (1 << 20, 1 << 16)])
+def test_tied_magnitudes_keep_exactly_k_lowest_indices(monkeypatch, dtype, slice_size, small) -> None:
     # magnitudes 1..4 only: the cut falls inside a run of equal magnitudes, which spans many slices when the
-    # slices are 7 entries long; exactly k entries are kept, the lowest flat indices among the tied ones
+    # slices are 7 entries long; exactly k entries are kept, the lowest flat indices among the tied ones. Both
+    # ways of finding the cut: the radix select (small=0) and the selection small tensors use.
     monkeypatch.setattr(ties_module, "_SLICE", slice_size)
+    monkeypatch.setattr(ties_module, "_SMALL", small)
     g = torch.Generator().manual_seed(0)
     base = {"w": torch.randint(-8, 8, (40, 25), generator=g).to(dtype)}
     values = torch.tensor([-4.0, -3.0, -2.0, -1.0, 1.0, 2.0, 3.0, 4.0])
