@@ -681,7 +681,7 @@ def test_alignment_tax_example_runs(tmp_path: Path) -> None:
     import runpy
 
     example = runpy.run_path(str(Path(__file__).resolve().parents[1] / "examples" / "alignment_tax.py"))
-    rows = example["main"](["--out", str(tmp_path), "--base-epochs", "3", "--epochs", "2"])
+    rows = example["main"](["--out", str(tmp_path), "--epochs", "2"])
     base, finetuned, blended = rows.values()
     result = report(tmp_path / "soup")
     assert (tmp_path / "soup" / "blend.png").exists()
