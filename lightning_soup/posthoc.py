@@ -158,7 +158,7 @@ def soup(
     soup_score = _score(soup_metrics, monitor)
     for row, name in ((r, names[r["index"]]) for r in rows):
         row["path"] = name
-    recipe = _json_safe({
+    recipe = storage.json_safe({
         "method": f"{method}_soup",
         "monitor": monitor,
         "mode": mode,
@@ -390,7 +390,7 @@ def compose(
          "violation": total_violation(bounds, values[i]) if bounds else None}
         for i, (s, r) in enumerate(zip(grid, rows))
     ]
-    recipe = _json_safe({
+    recipe = storage.json_safe({
         "method": method,
         "base": names[0],
         "finetuned": names[1:],
@@ -784,15 +784,4 @@ def _log(trainer: Any, metrics: Mapping[str, float]) -> None:
     for logger in trainer.loggers:
         logger.log_metrics(dict(metrics), step=trainer.global_step)
         logger.save()
-
-
-def _json_safe(obj: Any) -> Any:
-    """Plain JSON: non-finite floats become None, tuples lists."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 

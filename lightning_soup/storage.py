@@ -27,7 +27,13 @@ Example:
     ['model-00001-of-00002.safetensors', 'model-00002-of-00002.safetensors', 'model.safetensors.index.json']
 """
 
-from lightning_soup._storage._atomic import atomic_write, check_replaceable, remove_stale_temp_files, write_json
+from lightning_soup._storage._atomic import (
+    atomic_write,
+    check_replaceable,
+    json_safe,
+    remove_stale_temp_files,
+    write_json,
+)
 from lightning_soup._storage._format import parse_size
 from lightning_soup._storage._paths import confined, open_regular
 from lightning_soup._storage._read import LazyStateDict, load_state_dict, open_state_dict, read_recipe, sha256_file
@@ -39,6 +45,7 @@ __all__ = [
     "atomic_write",
     "check_replaceable",
     "confined",
+    "json_safe",
     "load_state_dict",
     "open_regular",
     "open_state_dict",

@@ -233,6 +233,7 @@ def test_streaming_key_by_key_and_chunked_equals_the_whole(lm: dict, monkeypatch
     for k in base:
         whole.update(k, base[k], [ft[k], other[k]])
     monkeypatch.setattr(merge._related, "_CHUNK", 97)  # many chunks per tensor (float32 sums), reversed key order
+    monkeypatch.setattr(merge._related, "_RUNS", 10**9)  # every chunk measured (no sampling of large tensors)
     streamed = merge._related.Relatedness(["ft", "other"], "base")
     for k in reversed(list(base)):
         if base[k].is_floating_point():
@@ -339,3 +340,29 @@ def _load(path: str) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     return load_file(path)
+
+
+def test_large_tensors_are_judged_on_evenly_spaced_samples() -> None:
+    """A tensor of more than 2 Mi entries is measured on 8 evenly spaced runs, not read whole: the figures stay those
+    of the whole tensor to within their noise, so an independent init is still refused and a fine-tune (the base
+    plus a small update, one run of rows moved a lot) still passes, while the check reads about a third of it."""
+    from lightning_soup.merge import _related
+
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(6000, 1000, generator=g)}  # 6 Mi entries
+    tuned = {"w": base["w"] + 0.3 * torch.randn(6000, 1000, generator=g)}
+    tuned["w"][:500] = torch.randn(500, 1000, generator=g)  # a freshly initialised block
+    other = {"w": torch.randn(6000, 1000, generator=g)}
+    ranges = _related._measured_ranges(base["w"].numel())
+    assert sum(b - a for a, b in ranges) <= base["w"].numel() / 2
+    for model, related in ((tuned, True), (other, False)):
+        cosine, _ = ref_figures(base, model)
+        stats = _related.Relatedness(["model"], "base")
+        stats.update("w", base["w"], [model["w"]])
+        (relation,) = stats.relations()
+        assert relation.related is related
+        # the whole tensor's figure, measured in float64; the fresh block is 1/12 of the tensor but 1/8 of the runs
+        assert relation.cosine == pytest.approx(cosine, abs=0.05)
+    with pytest.raises(SoupError, match="does not look fine-tuned"):
+        merge.interpolate(base, other, 0.5)
+    merge.interpolate(base, tuned, 0.5)

@@ -18,13 +18,14 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +395,23 @@ def dumps(obj: Any, what: str, **kwargs: Any) -> str:
         return json.dumps(obj, default=json_default, ensure_ascii=False, **kwargs)
     except (TypeError, ValueError) as e:
         raise SoupError(f"{what} must be JSON-serialisable (dicts, lists, str, numbers, bools, None): {e}.") from e
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` as plain JSON data: non-finite floats become ``None`` (strict JSON readers refuse ``NaN``), tuples
+    become lists and mapping keys strings.
+
+    Example:
+        >>> json_safe({"score": float("nan"), "scales": (0.5, 1.0), 1: [float("inf")]})
+        {'score': None, 'scales': [0.5, 1.0], '1': [None]}
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, Mapping):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def write_json(obj: Any, path: str | os.PathLike, *, indent: int | None = 2) -> Path:

@@ -349,9 +349,9 @@ class _TaskArithmeticBlend(_base.SoupCallback):
         if pairs:
             # LoRA pairs are the best rank-r pairs for the blended ΔW; 0.0 when exact (e.g. toward a fresh adapter)
             recipe["lora_relative_error"] = self.result["lora_relative_error"]
-        _tensors.write_module_weights(trainer, pl_module, dirpath / BLENDED_FILE, _json_safe(recipe))
+        _tensors.write_module_weights(trainer, pl_module, dirpath / BLENDED_FILE, storage.json_safe(recipe))
         if trainer.is_global_zero:
-            storage.write_json(_json_safe(self.result), dirpath / REPORT_FILE)
+            storage.write_json(storage.json_safe(self.result), dirpath / REPORT_FILE)
             if rows:
                 self._write_plot(trainer, dirpath / PLOT_FILE)
         self._log_metrics(trainer)
@@ -631,14 +631,3 @@ def _anchor_problem(
     except SoupError as e:
         return f"{where}: {e}"
     return None
-
-
-def _json_safe(obj: Any) -> Any:
-    """Plain JSON: non-finite floats become None."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

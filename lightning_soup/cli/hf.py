@@ -21,29 +21,13 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from lightning_soup._storage._atomic import COMPANION_FILES
 from lightning_soup.errors import SoupError
 
 CONFIG = "config.json"
-#: copied from the config source when present (configuration, generation defaults, tokenizer and processor files)
-COPIED = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "vocab.txt",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-    "processor_config.json",
-    "adapter_config.json",
-)
+#: copied from the config source when present (configuration, generation defaults, tokenizer and processor files):
+#: every companion file a lightning-soup model folder may hold, so a later `--force` can replace what this wrote
+COPIED = tuple(sorted(COMPANION_FILES - {"README.md"}))
 CARD = "README.md"
 WEIGHTS = "model.safetensors"
 

@@ -12,8 +12,10 @@ weight: LayerNorm weights are all ones and biases all zeros in *any* two models,
 two independent random initialisations of a small GPT-2 look 0.9-similar. After centering, two independent
 initialisations are nearly orthogonal (cosine ≈ 0 ± 1/√N, distance ≈ √2), while a fine-tune stays close to its base.
 
-Sums are accumulated tensor by tensor on the tensors' device, in float32 chunks whose sums add up in float64 (one
-pass over the data, no float64 copy of it, no host synchronisation until :meth:`Relatedness.check`), so a streaming caller (the CLI) feeds one key at a time and decides at the end. A model
+Sums are accumulated tensor by tensor on the tensors' device, in float32 chunks whose sums add up in float64 (at most
+one pass over the data — a tensor of more than 2 Mi entries is measured on 8 evenly spaced runs of 256 Ki — no float64
+copy of it, no host synchronisation until :meth:`Relatedness.check`), so a streaming caller (the CLI) feeds one key
+at a time and decides at the end. A model
 is judged as a whole: a fine-tune that trained a freshly initialised head from scratch has one unrelated tensor
 among many related ones and is never refused.
 
@@ -62,6 +64,10 @@ MIN_COSINE = 0.15
 _SIGMAS = 4.0
 #: Elements per chunk: two 1 MiB float32 temporaries whatever the tensor size.
 _CHUNK = 1 << 18
+#: A larger tensor is measured on this many evenly spaced runs of ``_CHUNK`` entries (2 Mi entries) instead of all of
+#: it: the figures are sums over hundreds of thousands of entries per tensor either way (their noise, computed from
+#: the entries used, stays far below the limit), and the check then costs a fraction of one pass over a large model.
+_RUNS = 8
 #: Keys per block of per-key sums.
 _BLOCK = 256
 
@@ -153,9 +159,9 @@ class Relatedness:
         shift = y_flat[:1].to(dtype)
         sums = self._row(device)
         self._keys.append(key)
-        self._numels.append(numel)
-        for start in range(0, numel, _CHUNK):
-            stop = min(start + _CHUNK, numel)
+        ranges = _measured_ranges(numel)
+        self._numels.append(sum(stop - start for start, stop in ranges))
+        for start, stop in ranges:
             y = y_flat[start:stop].to(dtype) - shift  # (c,), a fresh tensor
             sums[:, 0] += y.sum()
             sums[:, 1] += torch.dot(y, y)
@@ -181,7 +187,6 @@ class Relatedness:
 
     def relations(self) -> list[Relation]:
         """The figures so far, one per input (one host transfer)."""
-        import torch
 
         m = len(self.names)
         if not self._keys:
@@ -252,6 +257,23 @@ class Relatedness:
             f"removed). Merging models that do not share a base produces garbage: check that these are the "
             f"checkpoints you meant, or {hint}."
         )
+
+
+def _measured_ranges(numel: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` runs of a flattened tensor that enter the figures: all of it in chunks, or ``_RUNS``
+    evenly spaced chunks of a tensor larger than that.
+
+    Example:
+        >>> _measured_ranges(10)
+        [(0, 10)]
+        >>> runs = _measured_ranges(80 * _CHUNK)  # 8 runs of one chunk, 10 chunks apart
+        >>> len(runs), runs[1] == (10 * _CHUNK, 11 * _CHUNK)
+        (8, True)
+    """
+    if numel <= _RUNS * _CHUNK:
+        return [(start, min(start + _CHUNK, numel)) for start in range(0, numel, _CHUNK)]
+    step = numel // _RUNS  # >= _CHUNK: the runs never overlap
+    return [(i * step, i * step + _CHUNK) for i in range(_RUNS)]
 
 
 def check_related(
