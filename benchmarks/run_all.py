@@ -45,7 +45,12 @@ JSON_ON_STDOUT = frozenset({"cli_memory", "mergekit"})
 # Extra arguments per benchmark for full runs: one intra-op thread where timings are steadier that way on shared
 # machines. (Not the averaging benchmark: it trains with torch's default threads, every core, so that its background
 # writer competes with training for the cores as it would for a user.)
-DEFAULT_ARGS: dict[str, list[str]] = {"posthoc": ["--threads", "1"]}
+# The SVD timings at 0.25 GB (width 1024): the ratio to the SVDs a method needs does not depend on the size, and at
+# 1 GB (width 2048) the SVDs alone take over half an hour on two cores (`bench_merge_svd.py --size-gb 1` for that).
+DEFAULT_ARGS: dict[str, list[str]] = {
+    "posthoc": ["--threads", "1"],
+    "merge_svd": ["--size-gb", "0.25", "--hidden", "1024"],
+}
 
 
 def _last_json(text: str) -> Any:
