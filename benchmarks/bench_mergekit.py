@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_cli_memory import measure  # noqa: E402
 
 OURS_IMPORTS = (
-    "import torch, rich.progress, lightning_soup.cli, lightning_soup._cli_merge, lightning_soup.merge, "
+    "import torch, rich.progress, lightning_soup.cli, lightning_soup.cli.merge, lightning_soup.merge, "
     "lightning_soup.storage"
 )
 MERGEKIT_IMPORTS = "import torch, transformers, mergekit.merge, mergekit.config, mergekit.options"
