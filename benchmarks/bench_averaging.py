@@ -485,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depth", type=int, default=6, help="6 blocks of 2048: 25 M parameters, 100 MB")
     parser.add_argument("--n-train", type=int, default=None,
-                        help="training samples per epoch (default 768 on CPU, 98304 on CUDA: epochs of a few seconds)")
+                        help="training samples per epoch (default 3072 on CPU, 98304 on CUDA: epochs of a few seconds)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 on CPU, 256 on CUDA")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=3)
@@ -504,7 +504,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cuda = args.device.startswith("cuda")
-    args.n_train = args.n_train or (98304 if cuda else 768)
+    args.n_train = args.n_train or (98304 if cuda else 3072)
     args.batch_size = args.batch_size or (256 if cuda else 128)
     if args.memory_child is not None:
         memory_child(args)
