@@ -39,6 +39,19 @@ def write_result(rank: int, result: dict[str, Any], name: str = "rank") -> None:
     os.replace(tmp, path)
 
 
+def finish() -> None:
+    """End a worker whose results are written: wait for every rank, then tear the process group down.
+
+    Without ``destroy_process_group`` Gloo's worker threads outlive the interpreter and a rank can abort with
+    SIGABRT ("terminate called without an active exception") while exiting, after its work succeeded.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def sharded_classifier_class(pl: ModuleType) -> type:
     """``TinyClassifier`` whose ``configure_model`` applies FSDP2 ``fully_shard`` to each Linear and the root.
 

@@ -13,7 +13,7 @@ import sys
 import torch
 from safetensors.torch import save_file
 
-from _common import flavour, out_dir, trainer_kwargs, write_result
+from _common import finish, flavour, out_dir, trainer_kwargs, write_result
 from _models import make_model
 
 pl, soup = flavour(sys.argv[1])
@@ -37,3 +37,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

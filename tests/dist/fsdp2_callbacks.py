@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from _common import (
     CollectiveCounter,
+    finish,
     flavour,
     full_state,
     model_parallel_strategy,
@@ -122,3 +123,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

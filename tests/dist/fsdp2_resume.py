@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from _common import (
+    finish,
     flavour,
     full_state,
     model_parallel_strategy,
@@ -91,3 +92,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

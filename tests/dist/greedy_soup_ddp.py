@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from _common import flavour, out_dir, trainer_kwargs, write_result
+from _common import finish, flavour, out_dir, trainer_kwargs, write_result
 from _models import tiny_classifier_class
 from lightning_soup import storage
 from lightning_soup._storage import _read
@@ -136,3 +136,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()

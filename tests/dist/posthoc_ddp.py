@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from safetensors.torch import save_file
 
-from _common import out_dir, trainer_kwargs, write_result
+from _common import finish, out_dir, trainer_kwargs, write_result
 from _models import tiny_classifier_class
 from lightning_soup import compose, soup, storage
 
@@ -90,3 +90,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    finish()
