@@ -284,7 +284,7 @@ def test_window_means_do_not_drift_and_never_read_evicted_snapshots(tmp_path: Pa
         store.flush()
         assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(names)
         # Between snapshots a CPU device holds one reused host buffer and nothing else, whatever the window.
-        assert store._ram == {} and store._staging is not None
+        assert store._ram == {} and store._image is not None
     else:
         assert sorted(store._ram) == sorted(names)
     store.close()

@@ -325,15 +325,15 @@ def test_disk_use_is_bounded_by_window_and_max_ingredients(tmp_path: Path, check
 
 # Full disk: the writer raises ENOSPC for one file; the error names it and every existing output is intact.
 def enospc_for(monkeypatch: pytest.MonkeyPatch, final: Path) -> None:
-    real = _format.write_all
+    real = _format.write_at
 
-    def write_all(f: Any, view: memoryview) -> None:
-        path = Path(getattr(f, "name", ""))
+    def write_at(fd: int, view: memoryview, offset: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
         if path.parent == final.parent and path.name.startswith(f".{final.name}.tmp-"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real(f, view)
+        real(fd, view, offset)
 
-    monkeypatch.setattr(_format, "write_all", write_all)
+    monkeypatch.setattr(_format, "write_at", write_at)
 
 
 @pytest.mark.parametrize(

@@ -420,17 +420,17 @@ def test_prefix_that_matches_nothing_lists_keys(tmp_path: Path) -> None:
 
 
 def _boom_after(n: int):
-    """A replacement for ``_format.write_all`` that fails on its ``n``-th call (0: the header)."""
+    """A replacement for ``_format.write_at`` that fails on its ``n``-th call (0: the header)."""
     calls = []
-    real = _format.write_all
+    real = _format.write_at
 
-    def write_all(f, view):
+    def write_at(fd, view, offset):
         if len(calls) == n:
             raise RuntimeError("simulated crash mid-write")
         calls.append(1)
-        real(f, view)
+        real(fd, view, offset)
 
-    return write_all
+    return write_at
 
 
 @pytest.mark.parametrize("shard_size", [None, 64], ids=["file", "sharded"])
@@ -442,7 +442,7 @@ def test_failure_mid_write_leaves_previous_output_and_no_temp(
     old = {"w": torch.zeros(8)}
     storage.save_state_dict(old, out, shard_size=shard_size)
     before = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
-    monkeypatch.setattr(_format, "write_all", _boom_after(fail_at))
+    monkeypatch.setattr(_format, "write_at", _boom_after(fail_at))
     with pytest.raises(RuntimeError, match="simulated crash"):
         storage.save_state_dict({f"w{i}": torch.ones(8) for i in range(5)}, out, shard_size=shard_size)
     after = sorted((p.name, p.read_bytes()) for p in ([out] if out.is_file() else out.iterdir()))
@@ -455,10 +455,10 @@ def test_disk_full_is_a_soup_error_naming_the_path(tmp_path: Path, monkeypatch: 
     storage.save_state_dict({"w": torch.zeros(4)}, out)
     previous = out.read_bytes()
 
-    def full(f, view):
+    def full(fd, view, offset):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_format, "write_all", full)
+    monkeypatch.setattr(_format, "write_at", full)
     with pytest.raises(SoupError, match=r"disk is full.*soup\.safetensors") as info:
         storage.save_state_dict({"w": torch.ones(4)}, out)
     assert isinstance(info.value.__cause__, OSError)

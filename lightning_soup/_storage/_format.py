@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import os
 import re
 import struct
 import sys
@@ -218,11 +219,14 @@ def readinto_exact(f: BinaryIO, view: memoryview, path: Path) -> None:
         done += got
 
 
-def write_all(f: BinaryIO, view: memoryview) -> None:
-    """Write every byte of ``view`` at the current position of ``f``, looping over short writes."""
+def write_at(fd: int, view: memoryview, offset: int) -> None:
+    """Write every byte of ``view`` to file descriptor ``fd`` at ``offset``, looping over short writes.
+
+    Every byte this package writes into a safetensors file goes through here (tests inject disk faults here).
+    """
     done = 0
     while done < len(view):
-        done += f.write(view[done : done + _CHUNK])
+        done += os.pwrite(fd, view[done : done + _CHUNK], offset + done)
 
 
 def read_tensor(f: BinaryIO, entry: Entry, path: Path) -> Tensor:

@@ -94,8 +94,7 @@ class _File:
     def put(self, offset: int, view: memoryview) -> None:
         if self.handle is None:
             self.handle = open(self.path, "r+b", buffering=0)  # noqa: SIM115 - closed below or by close()
-        self.handle.seek(offset)
-        _format.write_all(self.handle, view)
+        _format.write_at(self.handle.fileno(), view, offset)
 
     def done_one(self) -> None:
         """One more tensor written; once all are, the file is fsynced and closed."""
@@ -214,7 +213,7 @@ class SafetensorsWriter:
         file = _File(path, len(keys))
         self._files.append(file)
         with open(path, "xb", buffering=0) as f:
-            _format.write_all(f, memoryview(header))
+            _format.write_at(f.fileno(), memoryview(header), 0)
             if not keys:
                 os.fsync(f.fileno())
         for key, (begin, _) in offsets.items():

@@ -7,15 +7,16 @@ Pre-training*, 2023): averaging the last few checkpoints of a run generalises be
 How it works. A snapshot is the module's weights after every ``every_n_epochs``-th training epoch, or after every
 ``every_n_train_steps``-th optimizer step (``trainer.global_step``: gradient accumulation and manual optimization
 count the way Lightning counts them). Taking one costs training a single copy of the weights into a reused host
-buffer (pinned, on a side stream, when they live on CUDA: no host synchronisation), and nothing else: the
-snapshots live in ``dirpath/snapshots/`` as safetensors files (``snapshots="disk"``, the default; written atomically
-from that buffer by a background thread at the lowest CPU priority) or in host RAM (``snapshots="cpu"``, the
-evicted snapshot's buffer reused), so device memory does not grow with ``window`` — it holds nothing extra at all
-during training. No running sum is kept: the average is computed at the end of fit (and for ``validate_average``)
-from the window's snapshots, oldest first, one snapshot at a time, in float32 — so an evicted snapshot is never
-read back, and no add/evict rounding accumulates however many snapshots are taken. ``weights`` shapes the window:
-uniform (LAWA), or the merge weights of a learning-rate decay (WSM; see :mod:`lightning_soup.merge._window` for
-the exact weights of each shape).
+buffer (pinned, on a side stream, when they live on CUDA: no host synchronisation), and nothing else: the snapshots
+live in ``dirpath/snapshots/`` as safetensors files (``snapshots="disk"``, the default; the buffer is laid out as
+the file, and a background thread at the lowest CPU priority writes it atomically with direct I/O, bypassing the
+page cache so the kernel takes no cycles from training to copy and write back the bytes) or in host RAM
+(``snapshots="cpu"``, the evicted snapshot's buffer reused), so device memory does not grow with ``window`` — it
+holds nothing extra at all during training. No running sum is kept: the average is computed at the end of fit (and
+for ``validate_average``) from the window's snapshots, oldest first, one snapshot at a time, in float32 — so an
+evicted snapshot is never read back, and no add/evict rounding accumulates however many snapshots are taken.
+``weights`` shapes the window: uniform (LAWA), or the merge weights of a learning-rate decay (WSM; see
+:mod:`lightning_soup.merge._window` for the exact weights of each shape).
 
 Resuming. The callback's checkpoint state is plain counters and file names; on ``trainer.fit(..., ckpt_path=...)``
 the window continues from the snapshot files the checkpoint names, exactly as if training had not stopped.
@@ -48,6 +49,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_soup import storage
+from lightning_soup._storage._image import FileImage
 from lightning_soup.callbacks import _base, _dist, _tensors
 from lightning_soup.errors import SoupError
 from lightning_soup.merge import _inplace, _window
@@ -87,9 +89,11 @@ class _SnapshotStore:
         directory: where snapshot files go (``<name>`` → ``directory/<name>``).
         mode: ``"disk"`` keeps snapshots only in files; ``"cpu"`` keeps them in host RAM and writes files on demand.
         template: the module's tensors (``{key: tensor}``); fixes keys, dtypes, shapes and devices.
+        direct: write snapshot files with direct I/O (no page cache: far fewer CPU cycles taken from training, but
+            reading them back then comes from the disk); see :class:`~lightning_soup._storage._image.FileImage`.
     """
 
-    def __init__(self, directory: Path, mode: str, template: Mapping[str, Tensor]) -> None:
+    def __init__(self, directory: Path, mode: str, template: Mapping[str, Tensor], direct: bool = True) -> None:
         self.directory = directory
         self.mode = mode
         self.keys = list(template)
@@ -100,7 +104,8 @@ class _SnapshotStore:
         self._ram: dict[str, list[Tensor]] = {}  # mode "cpu": name -> host copies, in self.keys order
         self._ready: dict[str, Any] = {}  # name -> CUDA event recorded after its device-to-host copy
         self._on_disk: set[str] = set()
-        self._staging: list[Tensor] | None = None  # mode "disk": the host buffer the writer writes from
+        self.direct = direct
+        self._image: FileImage | None = None  # mode "disk": the file's bytes, which the writer writes as they are
         self._pending: concurrent.futures.Future[None] | None = None
         self._writing: str | None = None  # the snapshot whose file the writer may still be writing
         self._executor = concurrent.futures.ThreadPoolExecutor(
@@ -133,9 +138,11 @@ class _SnapshotStore:
             self._on_disk.discard(name)
             return
         self.flush()  # the writer is done with the staging buffer (normally long ago: a whole epoch passed)
-        self._staging, event = self._copy_out(tensors, self._staging)
-        state = dict(zip(self.keys, self._staging))
-        self._pending = self._executor.submit(self._write, name, state, event, dict(recipe or {}))
+        if self._image is None:
+            specs = {k: (t.dtype, tuple(t.shape)) for k, t in zip(self.keys, tensors)}
+            self._image = FileImage(specs, pin_memory=self._cuda)
+        _, event = self._copy_out(tensors, [self._image.tensors[k] for k in self.keys])
+        self._pending = self._executor.submit(self._write, name, event, dict(recipe or {}))
         self._writing = name
 
     def _copy_out(self, tensors: list[Tensor], into: list[Tensor] | None) -> tuple[list[Tensor], Any]:
@@ -158,9 +165,10 @@ class _SnapshotStore:
         main.wait_event(event)
         return into, event
 
-    def _write(self, name: str, state: dict[str, Tensor], event: Any, recipe: dict[str, Any]) -> None:
+    def _write(self, name: str, event: Any, recipe: dict[str, Any]) -> None:
+        assert self._image is not None
         _wait(event)
-        storage.save_state_dict(state, self.directory / name, recipe=recipe)
+        self._image.write(self.directory / name, recipe=recipe, direct=self.direct)
         with self._lock:
             self._on_disk.add(name)
 
@@ -269,7 +277,7 @@ class _SnapshotStore:
             self._executor.shutdown(wait=True)
             self._ram.clear()
             self._ready.clear()
-            self._staging = None
+            self._image = None
 
 
 def _wait(event: Any) -> None:
@@ -510,7 +518,8 @@ class _CheckpointAveraging(_base.SoupCallback):
             else:
                 # What training changes, each storage once: a frozen base is never copied, tied weights are one entry.
                 kept = _tensors.kept_tensors(pl_module)
-                self._store = _SnapshotStore(snapshot_dir, self.snapshots, kept)
+                # validate_average reads the window back every snapshot: keep its files in the page cache then.
+                self._store = _SnapshotStore(snapshot_dir, self.snapshots, kept, direct=not self.validate_average)
                 names = [r["file"] for r in self._records]
                 problem = _snapshot_mismatch(snapshot_dir, names, kept)
                 if problem is None:

@@ -161,24 +161,28 @@ def callback_classes(pl: Any) -> tuple[type, type]:
 
 def kill_while_writing(target: str, dirpath: Path) -> None:
     """Patch the storage writer so the process dies half-way through the tensor data of ``dirpath/target``."""
+    import fcntl
+
     from lightning_soup._storage import _format
 
     final = dirpath / target
     prefix = f".{final.name}.tmp-"
-    real = _format.write_all
-    calls = {"n": 0}
+    real = _format.write_at
+    header_end = {}
 
-    def write_all(f: Any, view: memoryview) -> None:
-        path = Path(getattr(f, "name", ""))
+    def write_at(fd: int, view: memoryview, offset: int) -> None:
+        path = Path(os.readlink(f"/proc/self/fd/{fd}"))
         if path.parent == final.parent and path.name.startswith(prefix):
-            calls["n"] += 1
-            if calls["n"] >= 2 and len(view) > 1:  # the first call writes the header
-                f.write(view[: len(view) // 2])
-                os.fsync(f.fileno())
+            if offset == 0:  # the header (and, for a snapshot written whole, the data after it)
+                header_end[path] = 8 + int.from_bytes(view[:8], "little")
+            if offset + len(view) > header_end.get(path, 0) and len(view) > 1:  # tensor data: write half, die
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                os.pwrite(fd, view[: len(view) // 2], offset)
+                os.fsync(fd)
                 kill_now()
-        real(f, view)
+        real(fd, view, offset)
 
-    _format.write_all = write_all
+    _format.write_at = write_at
 
 
 def run(
