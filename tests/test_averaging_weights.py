@@ -254,7 +254,8 @@ def test_memory_held_between_snapshots_is_flat_in_window(tmp_path: Path, mode: s
             if evicted is not None:
                 store.delete_files([evicted])
         store.flush()
-        buffers = [*(store._image.tensors.values() if store._image else []), *(t for ts in store._ram.values() for t in ts)]
+        images = [*([store._image] if store._image else []), *store._ram.values()]
+        buffers = [t for image in images for t in image.tensors.values()]
         held[window] = sum(t.numel() * t.element_size() for t in buffers)
         store.close()
     if mode == "disk":

@@ -101,7 +101,7 @@ class _SnapshotStore:
         self.device = floats[0].device if floats else torch.device("cpu")
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self._ram: dict[str, list[Tensor]] = {}  # mode "cpu": name -> host copies, in self.keys order
+        self._ram: dict[str, FileImage] = {}  # mode "cpu": name -> its host copy (laid out as its file)
         self._ready: dict[str, Any] = {}  # name -> CUDA event recorded after its device-to-host copy
         self._on_disk: set[str] = set()
         self.direct = direct
@@ -132,26 +132,32 @@ class _SnapshotStore:
         """
         tensors = [live[k] for k in self.keys]
         if self.mode == "cpu":
-            reuse = self._ram.pop(evicted, None) if evicted is not None else None
+            image = self._ram.pop(evicted, None) if evicted is not None else None
             self._ready.pop(evicted, None)
-            self._ram[name], self._ready[name] = self._copy_out(tensors, reuse)
+            self._ram[name] = image = image or self._new_image(tensors)
+            self._ready[name] = self._copy_out(tensors, image)
             self._on_disk.discard(name)
             return
         self.flush()  # the writer is done with the staging buffer (normally long ago: a whole epoch passed)
-        if self._image is None:
-            specs = {k: (t.dtype, tuple(t.shape)) for k, t in zip(self.keys, tensors)}
-            self._image = FileImage(specs, pin_memory=self._cuda)
-        _, event = self._copy_out(tensors, [self._image.tensors[k] for k in self.keys])
+        self._image = self._image or self._new_image(tensors)
+        event = self._copy_out(tensors, self._image)
         self._pending = self._executor.submit(self._write, name, event, dict(recipe or {}))
         self._writing = name
 
-    def _copy_out(self, tensors: list[Tensor], into: list[Tensor] | None) -> tuple[list[Tensor], Any]:
-        """Copy ``tensors`` into host buffers ``into`` (allocated once); on CUDA, also the event that completes it."""
-        if into is None:
-            into = [torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._cuda) for t in tensors]
+    def _new_image(self, tensors: list[Tensor]) -> FileImage:
+        """A host buffer for one snapshot: a single allocation (pinned on CUDA), laid out as the snapshot's file.
+
+        One large allocation, rather than one per tensor, is mapped outside the allocator's heap, where long-lived
+        buffers would otherwise sit among training's short-lived tensors.
+        """
+        return FileImage({k: (t.dtype, tuple(t.shape)) for k, t in zip(self.keys, tensors)}, pin_memory=self._cuda)
+
+    def _copy_out(self, tensors: list[Tensor], image: FileImage) -> Any:
+        """Copy ``tensors`` into ``image``; on CUDA, return the event that completes the copy (else None)."""
+        into = [image.tensors[k] for k in self.keys]
         if not self._cuda:
             torch._foreach_copy_(into, tensors)
-            return into, None
+            return None
         # A side stream copies device-to-host into pinned memory asynchronously, after the work queued so far; the
         # training stream waits for it on the device (never the host) before its next kernels, which may write
         # these very tensors.
@@ -163,7 +169,7 @@ class _SnapshotStore:
             event = torch.cuda.Event()
             event.record(self._stream)
         main.wait_event(event)
-        return into, event
+        return event
 
     def _write(self, name: str, event: Any, recipe: dict[str, Any]) -> None:
         assert self._image is not None
@@ -203,7 +209,7 @@ class _SnapshotStore:
     def _add_snapshot_(self, acc: list[Tensor], name: str, weight: float) -> None:
         self.reads.append(name)
         if self.mode == "cpu" and name in self._ram:
-            host = dict(zip(self.keys, self._ram[name]))
+            host = self._ram[name].tensors
             floats = [host[k] for k in self.float_keys]
             # Pinned host memory uploads asynchronously; the buffer is not reused before the stream has read it
             # (the next device-to-host copy into it is queued after this on the side stream, see _copy_out).
@@ -221,7 +227,7 @@ class _SnapshotStore:
         self.reads.append(name)
         if self.mode == "cpu" and name in self._ram:
             _wait(self._ready.get(name))
-            return dict(zip(self.keys, self._ram[name]))
+            return dict(self._ram[name].tensors)
         self.flush()
         return dict(_tensors.canonical(storage.load_state_dict(self.directory / name)))
 
@@ -238,8 +244,7 @@ class _SnapshotStore:
             if n in self._on_disk or n not in self._ram:
                 continue
             _wait(self._ready.get(n))
-            state = dict(zip(self.keys, self._ram[n]))
-            storage.save_state_dict(state, self.directory / n, recipe=dict(recipes.get(n, {})))
+            self._ram[n].write(self.directory / n, recipe=dict(recipes.get(n, {})), direct=self.direct)
             self._on_disk.add(n)
 
     def delete_files(self, names: Sequence[str]) -> None:
