@@ -196,8 +196,16 @@ def _greedy(
         del candidate
         return _score(tried[-1], monitor)
 
+    # Candidates are built in the module's own tensors when every floating entry has one there (else in fresh ones).
+    model.to(device)
+    live = _tensors.module_tensors(model)
+    floats = {k: v for k, v in lazies[0].meta().items() if v.is_floating_point()}
+    into = {k: live.get(_tensors.canonical_key(k)) for k in floats}
+    fits = all(t is not None and t.is_floating_point() and t.shape == floats[k].shape for k, t in into.items())
     # second read of each checkpoint (NaN-scored ones are never read again)
-    result, steps = merge.greedy_soup([_OnDevice(lz, device) for lz in lazies], evaluate, mode=mode, scores=scores)
+    result, steps = merge.greedy_soup(
+        [_OnDevice(lz, device) for lz in lazies], evaluate, mode=mode, scores=scores, into=into if fits else None
+    )
     _load_(model, result)
     del result
     last = max(j for j, s in enumerate(steps) if s["accepted"])

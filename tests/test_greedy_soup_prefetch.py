@@ -73,3 +73,39 @@ def test_a_forked_child_gets_a_working_background_reader() -> None:
         os.waitpid(pid, 0)
         pytest.fail("the forked child's background reader never ran")
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, f"child ended with status {status}"
+
+
+def test_an_ingredient_is_released_once_the_soup_has_added_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Host memory stays at a couple of ingredients however many there are: the reader hands each ingredient's
+    tensors to the soup and keeps none, and reads the next one only while a candidate validates."""
+    import gc
+    import weakref
+
+    pl = importlib.import_module("pytorch_lightning")
+    soup_module = importlib.import_module("lightning_soup")
+    greedy = importlib.import_module("lightning_soup.callbacks.greedy_soup")
+    evaluation = importlib.import_module("lightning_soup.callbacks._evaluate")
+    read: list[list[weakref.ref]] = []  # per ingredient read by the background reader, weak references to its tensors
+    alive_at_evaluation: list[int] = []
+    real_read_all, real_evaluate = greedy._Ingredient._read_all, evaluation.evaluate
+
+    def read_all(self: Any) -> dict[str, torch.Tensor]:
+        out = real_read_all(self)
+        read.append([weakref.ref(t) for t in out.values() if t.is_floating_point()])
+        return out
+
+    def evaluate(trainer: Any, pl_module: Any) -> dict[str, float]:
+        if read:  # during the soup (training's own validations read nothing)
+            gc.collect()
+            alive_at_evaluation.append(sum(any(r() is not None for r in refs) for refs in read))
+        return real_evaluate(trainer, pl_module)
+
+    monkeypatch.setattr(greedy._Ingredient, "_read_all", read_all)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    soup = soup_module.GreedySoup(monitor="val/loss", mode="min", dirpath=str(tmp_path / "soup"), verbose=False)
+    trainer = pl.Trainer(**trainer_kwargs(tmp_path, max_epochs=7), callbacks=[soup])
+    trainer.fit(make_model(pl))
+    assert len(read) == 7 and len(alive_at_evaluation) == 6
+    # While a candidate validates: at most the ingredient read for the next candidate (and the one after it,
+    # being read); every ingredient already added is gone.
+    assert max(alive_at_evaluation) <= 2, alive_at_evaluation

@@ -169,3 +169,89 @@ def test_evaluate_may_return_a_tensor() -> None:
     soup, recipe = greedy_soup(_ingredients([1.0, 3.0]), lambda sd: torch.tensor(1.0), scores=[torch.tensor(1.0), 0.5])
     assert recipe[1]["soup_score"] == 1.0 and isinstance(recipe[1]["soup_score"], float)
     assert isinstance(recipe[0]["score"], float)
+
+
+# ------------------------------------------------------------------------------------------ candidates built in place
+
+
+def _into_like(sd):
+    return {k: torch.full_like(v, float("nan")) for k, v in sd.items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("conv_dtype", [torch.float32, torch.bfloat16], ids=["fp32-lerp", "bf16-sum"])
+def test_into_builds_every_candidate_in_place_and_ends_holding_the_soup(conv_dtype) -> None:
+    """With `into` (the callbacks pass the module's tensors), every candidate is written into the same tensors:
+    nothing is allocated per candidate. The candidates and the soup are still the members' means, rounded once."""
+    items = [random_state_dict(i, {"conv.weight": conv_dtype}, offset=2.0) for i in range(5)]
+    before = [{k: v.clone() for k, v in sd.items()} for sd in items]
+    into = _into_like(items[0])
+    ptrs = {k: v.data_ptr() for k, v in into.items()}
+    # own scores: 4 (best), 3, 2, 1, 0; candidates: accept, reject, accept, reject
+    verdicts = iter([10.0, -10.0, 10.0, -10.0])
+    seen = []
+
+    def evaluate(sd):
+        assert all(sd[k] is into[k] for k in into), "a candidate was not built in `into`"
+        seen.append({k: v.clone() for k, v in sd.items()})
+        return next(verdicts)
+
+    soup, recipe = greedy_soup(items, evaluate, scores=[4.0, 3.0, 2.0, 1.0, 0.0], into=into)
+    assert [r["accepted"] for r in recipe] == [True, True, False, True, False]
+    members_at = [[0, 1], [0, 1, 2], [0, 1, 3], [0, 1, 3, 4]]  # each candidate's members
+    for cand, members in zip([*seen, None], [*members_at, [0, 1, 3]]):
+        cand = soup if cand is None else cand
+        for k in FLOAT_KEYS:
+            ref = sum(f64(items[j][k]) for j in members) / len(members)
+            mag = sum(f64(items[j][k]).abs() for j in members) / len(members)
+            assert cand[k].dtype == items[0][k].dtype
+            assert_rounded(cand[k], ref, mag, acc_of(items[0][k].dtype), key=k)
+        for k in INT_KEYS:
+            assert torch.equal(cand[k], items[0][k])
+    assert all(soup[k] is into[k] and into[k].data_ptr() == ptrs[k] for k in into)  # the soup is in `into`
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(items, before) for k in a)  # the inputs are untouched
+    # The same decisions and soup as without `into`.
+    verdicts = iter([10.0, -10.0, 10.0, -10.0])
+    plain, plain_recipe = greedy_soup(items, lambda sd: next(verdicts), scores=[4.0, 3.0, 2.0, 1.0, 0.0])
+    assert plain_recipe == recipe
+    for k in FLOAT_KEYS:
+        torch.testing.assert_close(soup[k].double(), plain[k].double(), rtol=1e-6, atol=1e-6)
+
+
+def test_into_with_lora_pairs_holds_the_soups_pairs() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def adapter():
+        return {
+            "q.lora_A.default.weight": torch.randn(2, 6, generator=g),
+            "q.lora_B.default.weight": torch.randn(5, 2, generator=g),
+            "head.weight": torch.randn(3, 5, generator=g),
+        }
+
+    items = [adapter() for _ in range(3)]
+    into = _into_like(items[0])
+    plain, plain_recipe = greedy_soup(items, lambda sd: 10.0, scores=[3.0, 2.0, 1.0])
+    soup, recipe = greedy_soup(items, lambda sd: 10.0, scores=[3.0, 2.0, 1.0], into=into)
+    assert recipe == plain_recipe and all(r["accepted"] for r in recipe)
+    # The pairs are the best rank-2 pairs for the mean ΔW (not the factors' means), as without `into`.
+    assert recipe[-1]["lora_relative_error"] > 0
+    for k in ("q.lora_A.default.weight", "q.lora_B.default.weight"):
+        assert soup[k] is into[k]
+        torch.testing.assert_close(into[k], plain[k], rtol=0, atol=0)
+    ref = sum(sd["head.weight"].double() for sd in items) / 3
+    torch.testing.assert_close(into["head.weight"].double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_into_must_fit_the_ingredients() -> None:
+    items = [random_state_dict(i) for i in range(2)]
+    key = FLOAT_KEYS[0]
+    good = _into_like(items[0])
+    cases = {
+        "missing": {k: v for k, v in good.items() if k != key},
+        "shape": {**good, key: torch.zeros(3, 3, 3)},
+        "dtype": {**good, key: torch.zeros(items[0][key].shape, dtype=torch.int64)},
+    }
+    for name, into in cases.items():
+        with pytest.raises(SoupError, match=r"`into`"):
+            greedy_soup(items, lambda sd: 0.0, scores=[1.0, 0.0], into=into)
+    with pytest.raises(SoupError, match=r"`into` must map keys"):
+        greedy_soup(items, lambda sd: 0.0, scores=[1.0, 0.0], into=[torch.zeros(1)])

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
 import uuid
 import weakref
@@ -494,3 +495,13 @@ def _names_in_checkpoint(path: str, callback: Any, names: Callable[[Any], list[s
         return frozenset(names(state)) if state is not None else frozenset()
     except Exception:  # noqa: BLE001 - not ours to judge here: resuming from it reports the problem
         return frozenset()
+
+
+def background_priority() -> None:
+    """Run the calling (background) thread at the lowest CPU priority, so that its work never takes a core from
+    training or validation: it runs on cores they leave idle (all of them while a GPU computes). On Linux the nice
+    value is per thread (``setpriority`` on its native id). Best effort elsewhere."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+    except (AttributeError, OSError):
+        pass

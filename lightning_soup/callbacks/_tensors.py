@@ -188,6 +188,7 @@ def load_into_module_(pl_module: Any, state: Mapping[str, Tensor], partial: bool
         )
         raise SoupError("These weights do not fit the module, shapes differ: " + "; ".join(bad) + "." + hint)
     keys = list(unique_tensors({k: live[k] for k in state}))
+    keys = [k for k in keys if _storage_id(state[k]) != _storage_id(live[k])]  # already the module's own tensor
     with torch.no_grad():
         _inplace.assign_([live[k] for k in keys], [state[k] for k in keys])
 

@@ -36,7 +36,6 @@ deadlocks. The tensor code is shard-local (it works on :func:`~._tensors.module_
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import threading
 import time
 import warnings
@@ -64,15 +63,6 @@ _STORAGES = ("disk", "cpu")
 _SNAPSHOT_DIR = "snapshots"
 _AVERAGE_FILE = "average.safetensors"
 _STATE_VERSION = 1
-
-
-def _background_priority() -> None:
-    """Run the calling (writer) thread at the lowest CPU priority, so a snapshot write never takes a core from
-    training; on Linux the nice value is per thread (``setpriority`` on its native id). Best effort elsewhere."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-    except (AttributeError, OSError):
-        pass
 
 
 class _SnapshotStore:
@@ -109,7 +99,7 @@ class _SnapshotStore:
         self._pending: concurrent.futures.Future[None] | None = None
         self._writing: str | None = None  # the snapshot whose file the writer may still be writing
         self._executor = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="lightning_soup-snapshots", initializer=_background_priority
+            1, thread_name_prefix="lightning_soup-snapshots", initializer=_base.background_priority
         )
         self._lock = threading.Lock()
         self.reads: list[str] = []  # every snapshot read back, in order (tests and benchmarks count them)

@@ -427,26 +427,32 @@ class _GreedySoup(_base.SoupCallback):
         owner = _dist.owns_state(trainer, pl_module)
         paths = [self._state_path(trainer, pl_module, e["file"]) if owner else None for e in kept]
         sources = [_Ingredient(path, trainer, pl_module) for path in paths]
-        # greedy_soup reads the ingredients best first (a stable sort of the finite scores); each one, when first
-        # read, starts reading the next in a background thread, so that read overlaps the candidate's validation.
+        # greedy_soup reads the ingredients best first (a stable sort of the finite scores). A background thread
+        # reads them ahead: the first two at once, then each next one while a candidate validates (not while the
+        # soup adds the previous one, which would compete for the same memory bandwidth and cores).
         scores = [e["score"] for e in kept]
         order = sorted((i for i in range(len(kept)) if math.isfinite(scores[i])),
                        key=lambda i: -scores[i] if self.mode == "max" else scores[i])
         device = _candidate_device(pl_module, len(kept))
-        for i, j in zip(order, order[1:]):
-            sources[i].then = sources[j]
         for source in sources:
             source.device = device
-        if order:
-            sources[order[0]].prefetch()
+        ahead = [sources[i] for i in order]
+        for source in ahead[:2]:
+            source.prefetch()
+        upcoming = iter(ahead[2:])
 
         def score(candidate: Mapping[str, Tensor]) -> float:
-            _tensors.load_into_module_(pl_module, candidate, partial=True)
+            _tensors.load_into_module_(pl_module, candidate, partial=True)  # only what is not built in place
+            following = next(upcoming, None)
+            if following is not None:
+                following.prefetch()
             local = _evaluate.resolve_monitor(_evaluate.evaluate(trainer, pl_module), self.monitor)
             return float(trainer.strategy.broadcast(local, src=0))
 
         try:
-            soup, recipe = merge.greedy_soup(sources, score, mode=self.mode, scores=scores)
+            # Candidates are built in the module's own tensors: nothing to allocate or copy per candidate.
+            into = {k: v for k, v in _tensors.kept_tensors(pl_module).items() if v.is_floating_point()}
+            soup, recipe = merge.greedy_soup(sources, score, mode=self.mode, scores=scores, into=into)
         finally:
             for source in sources:
                 source.close()
@@ -680,7 +686,9 @@ _prefetch_pool: concurrent.futures.ThreadPoolExecutor | None = None
 def _prefetcher() -> concurrent.futures.ThreadPoolExecutor:
     global _prefetch_pool
     if _prefetch_pool is None:
-        _prefetch_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lightning_soup-ingredients")
+        _prefetch_pool = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="lightning_soup-ingredients", initializer=_base.background_priority
+        )
     return _prefetch_pool
 
 
@@ -694,14 +702,15 @@ if hasattr(os, "register_at_fork"):
 
 
 def _candidate_device(pl_module: Any, count: int) -> torch.device:
-    """Where to build the soup's running sum and candidates: on the module's CUDA device when it has room for them
-    (the float32 sum, the next sum, the soup, the candidate and the prefetched ingredient: five copies of the
-    weights, with a margin), else in host memory. A CPU module builds them in host memory either way."""
+    """Where to keep the soup's running sums: on the module's CUDA device when it has room for them (the float32
+    sum, its next value, the ingredient being added and the one prefetched: four copies of the weights, with a
+    margin), else in host memory. A CPU module keeps them in host memory either way. Candidates are written into
+    the module's own tensors."""
     live = _tensors.kept_tensors(pl_module)
     device = next((t.device for t in live.values() if t.is_floating_point()), torch.device("cpu"))
     if device.type != "cuda" or count < 2:
         return torch.device("cpu")
-    need = 6 * sum(t.numel() * 4 for t in live.values() if t.is_floating_point())
+    need = 5 * sum(t.numel() * 4 for t in live.values() if t.is_floating_point())
     free, _total = torch.cuda.mem_get_info(device)
     spare = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return device if free + spare >= need else torch.device("cpu")
@@ -718,7 +727,6 @@ class _Ingredient(Mapping[str, Tensor]):
 
     def __init__(self, path: Path | None, trainer: Any, pl_module: Any) -> None:
         self.path = path  # None on ranks that receive it
-        self.then: _Ingredient | None = None  # the ingredient the soup reads next: prefetched when this one is read
         self.device = torch.device("cpu")  # where the soup builds its candidates (see _candidate_device)
         self._fetched: concurrent.futures.Future[dict[str, Tensor]] | None = None
         self._data: dict[str, Tensor] | None = None
@@ -760,14 +768,15 @@ class _Ingredient(Mapping[str, Tensor]):
         if self._fetched is not None:
             fetched, self._fetched = self._fetched, None
             self._data = fetched.result()
-            if self.then is not None:
-                self.then.prefetch()
         return self._data
 
     def __getitem__(self, key: str) -> Tensor:
         data = self._all()
         if data is not None:
-            return data[key]
+            # Handed over, not kept: once the soup has read an ingredient, only the soup holds its tensors (a key
+            # asked for again is read from the file).
+            value = data.pop(key, None)
+            return value if value is not None else self._read(key)
         like = self._template[key]
         value = self._read(key) if self._reads else None
         if not self._broadcast:

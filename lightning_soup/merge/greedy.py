@@ -27,6 +27,8 @@ def greedy_soup(
     evaluate: Callable[[dict[str, Tensor]], float],
     mode: Literal["max", "min"] = "max",
     scores: Sequence[float] | None = None,
+    *,
+    into: Mapping[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[dict[str, Any]]]:
     """Wortsman's greedy soup.
 
@@ -52,6 +54,14 @@ def greedy_soup(
             ``"max"`` mode). It gets a fresh dict it may keep; it must not modify the tensors in place.
         mode: ``"max"`` (accuracy) or ``"min"`` (loss).
         scores: the ingredients' own scores, one per ingredient; ``None`` evaluates each ingredient first.
+        into: tensors to build every candidate in, by key (e.g. a model's live parameters): each candidate's
+            floating tensors are written into ``into``'s, which ``evaluate`` then receives (it must not keep
+            them: the next candidate overwrites them), and at the end ``into`` holds the soup, which the returned
+            dict's floating entries are. Nothing is allocated per candidate and, for a model, nothing needs
+            copying into it. Any dtype and device; the ingredients' shapes. Where a target has the running sum's
+            dtype and device (float32 weights), the soup keeps a running mean instead, and each candidate is one
+            pass, ``lerp(mean, θ, 1/(k+1))``, written straight into the target; other tensors keep the float32
+            sum, whose next value goes into a reused buffer.
 
     Returns:
         ``(soup, recipe)``: the soup state dict (floating tensors in the best ingredient's dtypes, non-floating
@@ -110,14 +120,16 @@ def greedy_soup(
     check_compatible([best], [names[first]])
     ref_layout = {k: torch.empty(t.shape, dtype=t.dtype, device="meta") for k, t in best.items()}
     float_keys = [k for k, t in best.items() if t.is_floating_point()]
+    targets = None if into is None else _check_into(into, ref_layout, float_keys)
     fixed = copy_non_floating(best, [k for k, t in best.items() if not t.is_floating_point()])
     sums = {k: best[k].to(acc_dtype(best[k].dtype), copy=True) for k in float_keys}
     count = 1
-    soup = {k: fixed[k] if k in fixed else best[k].clone() for k in best}
+    soup = {k: fixed[k] if k in fixed else best[k].clone() for k in best} if targets is None else {}
     soup_score = own[first]
     pairs = lora_pairs(best.keys())
     factor_keys = [k for p in pairs for k in (p.a_key, p.b_key)]
     members = [{k: best[k] for k in factor_keys}] if pairs else []  # the soup's factors: ΔW is not a sum of them
+    soup_lora = {k: best[k] for k in factor_keys}  # the soup's LoRA factors (its pairs are not a mean of factors)
     lora_error = 0.0
     del best
     recipe: list[dict[str, Any]] = [
@@ -126,14 +138,33 @@ def greedy_soup(
     if pairs:
         recipe[0]["lora_relative_error"] = 0.0
 
+    # With `into`, a tensor whose target has the sum's dtype and device (float32 weights) keeps a running mean
+    # instead of a sum: each candidate is then one pass, ``target = lerp(mean, θ, 1/(k+1))``, and an accepted one
+    # is copied back. The others keep the sum: the next sum goes into a reused buffer (`trial`), then is divided
+    # into the target, rounded once.
+    lerp_keys = [] if targets is None else [
+        k for k in float_keys
+        if k not in factor_keys and targets[k].dtype == sums[k].dtype == ref_layout[k].dtype
+        and targets[k].device == sums[k].device
+    ]
+    sum_keys = [k for k in float_keys if k not in set(lerp_keys)]
+    trial: dict[str, Tensor] | None = None  # with `into`: the buffer for the next running sums, reused
     for i in order[1:]:
         sd = materialize(items[i])
         check_compatible([ref_layout, sd], [names[first], names[i]])
-        new_sums = _add(sums, sd, float_keys)
+        if targets is None:
+            new_sums = _add_into(None, sums, sd, float_keys)
+            candidate = _mean_into(None, new_sums, ref_layout, count + 1)
+        else:
+            new_sums = trial = _add_into(trial, sums, sd, sum_keys)
+            _mean_into(targets, trial, ref_layout, count + 1)
+            for k in lerp_keys:
+                torch.lerp(sums[k], move(sd[k], sd[k].dtype, sums[k].device), 1.0 / (count + 1), out=targets[k])
+            candidate = {k: targets[k] for k in float_keys}
         new_members = [*members, {k: sd[k] for k in factor_keys}] if pairs else []
         del sd
-        candidate = _mean(new_sums, ref_layout, count + 1)
-        candidate.update({k: v.clone() for k, v in fixed.items()})
+        # Non-floating entries: fresh copies for a dict the caller may keep; shared (never written) with `into`.
+        candidate.update(fixed if targets is not None else {k: v.clone() for k, v in fixed.items()})
         if pairs:
             n = len(new_members)
             lora, report = _merge_pairs(new_members, pairs, [[1.0 / n] * n] * len(pairs))
@@ -142,7 +173,15 @@ def greedy_soup(
         score = _score(evaluate(candidate), f"evaluate(candidate with ingredients[{i}])")
         accepted = not math.isnan(score) and better(score, soup_score)
         if accepted:
-            sums, count, soup, soup_score = new_sums, count + 1, candidate, score
+            if targets is None:
+                sums = new_sums
+            else:
+                _copy_([sums[k] for k in lerp_keys], [targets[k] for k in lerp_keys])
+                trial = {k: sums[k] for k in sum_keys}  # the replaced sums' buffers take the next ones
+                sums.update(new_sums)
+            count, soup_score = count + 1, score
+            soup = candidate if targets is None else {}
+            soup_lora = {k: candidate[k] for k in factor_keys}
             members = new_members
             if pairs:
                 lora_error = report.relative_error
@@ -151,6 +190,12 @@ def greedy_soup(
         if pairs:
             recipe[-1]["lora_relative_error"] = lora_error  # the soup's after this turn
 
+    if targets is not None:  # `into` holds the last candidate: put the soup there
+        _copy_([targets[k] for k in lerp_keys], [sums[k] for k in lerp_keys])
+        _mean_into(targets, {k: sums[k] for k in sum_keys}, ref_layout, count)
+        for k in factor_keys:
+            targets[k].copy_(soup_lora[k])
+        soup = {k: targets[k] if k in targets else fixed[k] for k in ref_layout}
     tried = set(finite)
     recipe.extend(
         {"index": i, "score": own[i], "accepted": False, "soup_score": None, "skipped": True}
@@ -168,29 +213,50 @@ def _score(value: Any, name: str) -> float:
         raise SoupError(f"`{name}` must be a number, got {value!r}.") from None
 
 
-def _add(sums: dict[str, Tensor], sd: Mapping[str, Tensor], keys: list[str]) -> dict[str, Tensor]:
-    """``sums + sd`` as fresh tensors, one ``_foreach_add`` per (dtype, device) group."""
-    out: dict[str, Tensor] = {}
-    groups: dict[tuple[torch.dtype, torch.device], list[str]] = {}
+def _add_into(
+    out: dict[str, Tensor] | None, sums: dict[str, Tensor], sd: Mapping[str, Tensor], keys: list[str]
+) -> dict[str, Tensor]:
+    """``sums + sd``, one pass per tensor, into ``out`` (fresh tensors like ``sums`` when None)."""
+    if out is None:
+        out = {k: torch.empty_like(sums[k]) for k in keys}
     for k in keys:
-        groups.setdefault((sums[k].dtype, sums[k].device), []).append(k)
-    for (dtype, device), gkeys in groups.items():
-        other = [move(sd[k], sd[k].dtype, device) for k in gkeys]
-        if all(o.dtype == dtype for o in other):
-            out.update(zip(gkeys, torch._foreach_add([sums[k] for k in gkeys], other)))
-        else:
-            fresh = [sums[k].clone() for k in gkeys]
-            torch._foreach_add_(fresh, other)  # in-place adds promote bf16/fp16 to the sum's dtype
-            out.update(zip(gkeys, fresh))
+        torch.add(sums[k], move(sd[k], sd[k].dtype, sums[k].device), out=out[k])
     return out
 
 
-def _mean(sums: dict[str, Tensor], ref: Mapping[str, Tensor], count: int) -> dict[str, Tensor]:
-    """``sums / count`` in the dtypes of `ref`, rounded once."""
-    same = [k for k, v in sums.items() if v.dtype == ref[k].dtype]
-    out = dict(zip(same, torch._foreach_div([sums[k] for k in same], count))) if same else {}
+def _mean_into(
+    out: dict[str, Tensor] | None, sums: dict[str, Tensor], ref: Mapping[str, Tensor], count: int
+) -> dict[str, Tensor]:
+    """``sums / count``, computed in the sums' dtype and rounded once, into ``out`` (any dtypes and devices; fresh
+    tensors in the dtypes of ``ref`` when None). Returns the written tensors, keyed like ``sums``."""
+    if out is None:
+        out = {k: torch.empty(v.shape, dtype=ref[k].dtype, device=v.device) for k, v in sums.items()}
     for k, v in sums.items():
-        if v.dtype != ref[k].dtype:
-            # mixed dtypes run one kernel per tensor in PyTorch anyway; out= divides in float32, casts on store
-            out[k] = torch.div(v, count, out=torch.empty(v.shape, dtype=ref[k].dtype, device=v.device))
-    return out
+        if out[k].device == v.device:
+            torch.div(v, count, out=out[k])
+        else:
+            out[k].copy_(v / count, non_blocking=True)
+    return {k: out[k] for k in sums}
+
+
+def _copy_(out: list[Tensor], src: list[Tensor]) -> None:
+    if out:
+        torch._foreach_copy_(out, src)
+
+
+def _check_into(into: Any, ref: Mapping[str, Tensor], keys: list[str]) -> dict[str, Tensor]:
+    """The tensors of `into` for the floating keys, checked: present, floating, the ingredients' shapes."""
+    if not isinstance(into, Mapping):
+        raise SoupError(f"`into` must map keys to tensors (e.g. a model's state_dict()), got {type(into).__name__}.")
+    missing = [k for k in keys if k not in into]
+    bad = [
+        f"`{k}`" for k in keys
+        if k in into and not (isinstance(into[k], Tensor) and into[k].is_floating_point()
+                              and into[k].shape == ref[k].shape)
+    ]
+    if missing or bad:
+        raise SoupError(
+            f"`into` must hold a floating tensor of the ingredients' shape for each of their floating keys; "
+            f"missing: {missing[:5] or 'none'}, wrong dtype or shape: {bad[:5] or 'none'}."
+        )
+    return {k: into[k] for k in keys}
