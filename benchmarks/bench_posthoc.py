@@ -11,8 +11,8 @@ Reported per K (``runs[K]``):
 * ``soup_s``: wall time of ``soup(trainer, model, checkpoints, monitor="val/loss", mode="min")`` (median of
   ``--repeats``, alternating with the floor's measurement so machine load hits both alike);
   ``validate_s``: 2K − 1 plain ``trainer.validate`` passes; ``ratio = soup_s / validate_s`` (goal: ≤ 1.10).
-* ``peak_extra_mb``: the peak of the process's anonymous memory (``RssAnon``, sampled every millisecond) during the
-  soup, above what it held right before (model, trainer, data); ``checkpoint_mb``: one checkpoint's size. Flat in K
+* ``peak_extra_mb``: the peak of the process's anonymous memory (``RssAnon``, sampled every millisecond) during
+  one more soup, untimed (the sampler costs CPU), above what it held right before (model, trainer, data); ``checkpoint_mb``: one checkpoint's size. Flat in K
   is the goal: one float32 running sum and one candidate (plus a host copy of the module's original weights),
   whatever K. On CUDA also ``cuda_peak_extra_mb`` (``max_memory_allocated`` above the start).
 
@@ -78,26 +78,31 @@ def child(args: argparse.Namespace, k: int) -> dict[str, Any]:
         trainer.validate(model, verbose=False)  # warm-up: dataloaders, kernels
         cuda = args.device.startswith("cuda")
         soup_s, validate_s, peaks, cuda_peaks = [], [], [], []
+        def run_soup() -> Any:
+            result = ls.soup(trainer, model, paths, monitor="val/loss", mode="min", dirpath=str(folder / "out"))
+            if cuda:
+                torch.cuda.synchronize()
+            return result
+
         for _ in range(args.repeats):
             start = time.perf_counter()
             for _ in range(2 * k - 1):
                 trainer.validate(model, verbose=False)
             validate_s.append(time.perf_counter() - start)
-
-            before = status_kb(pid, "RssAnon") or 0
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                cuda_before = torch.cuda.memory_allocated()
-            with PeakRssAnon(pid) as peak:
-                start = time.perf_counter()
-                result = ls.soup(trainer, model, paths, monitor="val/loss", mode="min", dirpath=str(folder / "out"))
-                if cuda:
-                    torch.cuda.synchronize()
-                soup_s.append(time.perf_counter() - start)
-            peaks.append(max(0, peak.peak_kb - before) / 1024)
-            if cuda:
-                cuda_peaks.append((torch.cuda.max_memory_allocated() - cuda_before) / 2**20)
+            start = time.perf_counter()
+            result = run_soup()
+            soup_s.append(time.perf_counter() - start)
+        # Memory in a run of its own: the sampler (a thread reading /proc every millisecond) would slow the timed
+        # soups, which the floor's validations would not pay.
+        before = status_kb(pid, "RssAnon") or 0
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            cuda_before = torch.cuda.memory_allocated()
+        with PeakRssAnon(pid) as peak:
+            result = run_soup()
+        peaks.append(max(0, peak.peak_kb - before) / 1024)
+        if cuda:
+            cuda_peaks.append((torch.cuda.max_memory_allocated() - cuda_before) / 2**20)
     out = {
         "k": k,
         "validations": 2 * k - 1,
