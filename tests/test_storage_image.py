@@ -172,3 +172,20 @@ def test_the_buffer_is_page_aligned_and_tensors_are_views_of_it() -> None:
     assert base % ALIGN == 0
     assert all(base <= p < base + image.nbytes for p, _ in ptrs)
     assert all(t.is_contiguous() for t in image.tensors.values())
+
+
+def test_large_tensors_start_on_cache_lines_even_after_small_int64_counters() -> None:
+    """A model's int64 counters (BatchNorm's num_batches_tracked) must not shift the weights off 64-byte lines:
+    copying 100 MB into misaligned views was a third slower than into aligned ones."""
+    specs = {}
+    for i in range(3):
+        specs[f"bn{i}.num_batches_tracked"] = (torch.int64, ())
+        specs[f"fc{i}.weight"] = (torch.float32, (64, 48))
+        specs[f"bn{i}.running_mean"] = (torch.float32, (48,))
+    specs["odd"] = (torch.float16, (3,))
+    image = FileImage(specs)
+    for key, t in image.tensors.items():
+        nbytes = t.numel() * t.element_size()
+        assert t.data_ptr() % t.element_size() == 0, key
+        if nbytes % 64 == 0:
+            assert t.data_ptr() % 64 == 0, key

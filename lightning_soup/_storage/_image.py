@@ -51,7 +51,8 @@ class FileImage:
     def __init__(self, specs: Specs, *, pin_memory: bool = False) -> None:
         self._specs = _check_specs(specs)
         bare, offsets = _format.encode_header(self._specs, build_metadata(None, None))
-        self._capacity = _round_up(len(bare) + _HEADER_ROOM, 8)  # length prefix included; keeps data 8-aligned
+        # The data starts on a page boundary (the header is padded to it): copies into the tensors run at full speed.
+        self._capacity = _round_up(len(bare) + _HEADER_ROOM, ALIGN)  # length prefix included
         data_size = max((end for _, end in offsets.values()), default=0)
         size = self._capacity + data_size
         raw = torch.empty(size + ALIGN, dtype=torch.uint8, pin_memory=pin_memory)
