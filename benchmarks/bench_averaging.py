@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="training samples per epoch (default 3072 on CPU, 98304 on CUDA: epochs of a few seconds)")
     parser.add_argument("--batch-size", type=int, default=None, help="default 128 on CPU, 256 on CUDA")
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--update-repeats", type=int, default=7)
     parser.add_argument("--memory-epochs", type=int, default=18)
     parser.add_argument("--memory-child", nargs=2, default=None, help=argparse.SUPPRESS)

@@ -11,10 +11,12 @@ Reported per K (``runs[K]``):
 * ``soup_s``: wall time of ``soup(trainer, model, checkpoints, monitor="val/loss", mode="min")`` (median of
   ``--repeats``, alternating with the floor's measurement so machine load hits both alike);
   ``validate_s``: 2K − 1 plain ``trainer.validate`` passes; ``ratio = soup_s / validate_s`` (goal: ≤ 1.10).
-* ``peak_extra_mb``: the peak of the process's anonymous memory (``RssAnon``, sampled every millisecond) during
-  one more soup, untimed (the sampler costs CPU), above what it held right before (model, trainer, data); ``checkpoint_mb``: one checkpoint's size. Flat in K
-  is the goal: one float32 running sum and one candidate (plus a host copy of the module's original weights),
-  whatever K. On CUDA also ``cuda_peak_extra_mb`` (``max_memory_allocated`` above the start).
+* ``peak_extra_mb``: the peak of the process's anonymous memory (``RssAnon``, sampled every millisecond) during the
+  first soup, untimed (the sampler costs CPU), above what it held right before (model, trainer, data);
+  ``checkpoint_mb``: one checkpoint's size. Flat in K is the goal: one float32 running mean or sum (candidates are
+  built in the module's own tensors), one checkpoint being read, a host copy of the module's original weights,
+  whatever K. On CUDA also ``cuda_peak_extra_mb``
+  (``max_memory_allocated`` above the start).
 
 ``peak_extra_mb_growth``: the largest K's ``peak_extra_mb`` over the smallest K's (1.0 = flat).
 
@@ -84,16 +86,9 @@ def child(args: argparse.Namespace, k: int) -> dict[str, Any]:
                 torch.cuda.synchronize()
             return result
 
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            for _ in range(2 * k - 1):
-                trainer.validate(model, verbose=False)
-            validate_s.append(time.perf_counter() - start)
-            start = time.perf_counter()
-            result = run_soup()
-            soup_s.append(time.perf_counter() - start)
-        # Memory in a run of its own: the sampler (a thread reading /proc every millisecond) would slow the timed
-        # soups, which the floor's validations would not pay.
+        # Memory in a soup of its own, the first (what it allocates is not yet held by the allocator from an earlier
+        # soup), untimed: the sampler, a thread reading /proc every millisecond, would slow a timed soup, which the
+        # floor's validations would not pay.
         before = status_kb(pid, "RssAnon") or 0
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -103,6 +98,14 @@ def child(args: argparse.Namespace, k: int) -> dict[str, Any]:
         peaks.append(max(0, peak.peak_kb - before) / 1024)
         if cuda:
             cuda_peaks.append((torch.cuda.max_memory_allocated() - cuda_before) / 2**20)
+        for _ in range(args.repeats):
+            start = time.perf_counter()
+            for _ in range(2 * k - 1):
+                trainer.validate(model, verbose=False)
+            validate_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            result = run_soup()
+            soup_s.append(time.perf_counter() - start)
     out = {
         "k": k,
         "validations": 2 * k - 1,
