@@ -491,3 +491,23 @@ def test_ddp_two_processes(tmp_path: Path, free_port: int) -> None:
     assert len(list((tmp_path / "soup" / "snapshots").iterdir())) == 3
     written_names = sorted(p.name for p in (tmp_path / "soup").iterdir())
     assert written_names == ["average.safetensors", "final.safetensors", "snapshots"]
+
+
+def test_cpu_snapshots_use_the_window_reserved_at_the_start(tmp_path: Path) -> None:
+    """`snapshots="cpu"`: the window's host memory is allocated (and touched) before training, so no snapshot pays
+    for fresh pages on the training thread, and a window that does not fit fails before training."""
+
+    template = {"w": torch.randn(64, 32), "b": torch.randn(32), "n": torch.tensor(3)}
+    store = _SnapshotStore(tmp_path, "cpu", template)
+    store.reserve(3, template)
+    reserved = {id(image) for image in store._spare}
+    assert len(reserved) == 3
+    names: list[str] = []
+    for i in range(7):
+        evicted = names.pop(0) if len(names) == 3 else None
+        names.append(f"s{i}.safetensors")
+        store.push(names[-1], {k: v + i for k, v in template.items()}, evicted)
+        assert {id(image) for image in store._ram.values()} <= reserved  # never a new allocation
+    for i, name in zip(range(4, 7), names):
+        assert torch.equal(store.load(name)["w"], template["w"] + i)
+    store.close()

@@ -65,6 +65,10 @@ class FileImage:
             flat = self._buffer[self._capacity + begin : self._capacity + end].view(dtype)
             self.tensors[key] = flat.view(shape)
 
+    def touch(self) -> None:
+        """Fault the whole buffer in now (the kernel zeroes new pages on first write), off any hot path."""
+        self._buffer.zero_()
+
     @property
     def nbytes(self) -> int:
         """The size of the file :meth:`write` writes (while the metadata fits the reserved room)."""

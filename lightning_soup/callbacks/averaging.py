@@ -92,6 +92,7 @@ class _SnapshotStore:
         self._cuda = self.device.type == "cuda"
         self._stream = torch.cuda.Stream(self.device) if self._cuda else None
         self._ram: dict[str, FileImage] = {}  # mode "cpu": name -> its host copy (laid out as its file)
+        self._spare: list[FileImage] = []  # mode "cpu": host buffers reserved at the start, not yet used
         self._ready: dict[str, Any] = {}  # name -> CUDA event recorded after its device-to-host copy
         self._on_disk: set[str] = set()
         self.direct = direct
@@ -124,6 +125,8 @@ class _SnapshotStore:
         if self.mode == "cpu":
             image = self._ram.pop(evicted, None) if evicted is not None else None
             self._ready.pop(evicted, None)
+            if image is None and self._spare:
+                image = self._spare.pop()
             self._ram[name] = image = image or self._new_image(tensors)
             self._ready[name] = self._copy_out(tensors, image)
             self._on_disk.discard(name)
@@ -221,6 +224,22 @@ class _SnapshotStore:
         self.flush()
         return dict(_tensors.canonical(storage.load_state_dict(self.directory / name)))
 
+    def reserve(self, window: int, template: Mapping[str, Tensor]) -> None:
+        """Mode ``"cpu"``: allocate (and touch) the host memory of a full window now, at the start of training.
+
+        A snapshot then never pays for fresh memory during training (zeroing 100 MB of new pages costs tens of
+        milliseconds on the training thread), and a window that does not fit in host RAM fails before training
+        rather than epochs into it. Pinned memory is resident once allocated; pageable memory is touched.
+        """
+        if self.mode != "cpu":
+            return
+        tensors = [template[k] for k in self.keys]
+        for _ in range(window - len(self._ram) - len(self._spare)):
+            image = self._new_image(tensors)
+            if not self._cuda:
+                image.touch()
+            self._spare.append(image)
+
     # ---------------------------------------------------------------------------------------------------- storage
     def adopt(self, names: Sequence[str]) -> None:
         """Snapshots ``names`` exist as files already (a resumed run's window)."""
@@ -271,6 +290,7 @@ class _SnapshotStore:
         finally:
             self._executor.shutdown(wait=True)
             self._ram.clear()
+            self._spare.clear()
             self._ready.clear()
             self._image = None
 
@@ -327,7 +347,8 @@ class _CheckpointAveraging(_base.SoupCallback):
         every_n_train_steps: take a snapshot after every n-th optimizer step instead.
         dirpath: output folder; default ``<trainer.default_root_dir>/soup``.
         snapshots: ``"disk"`` keeps the window's snapshots in safetensors files, ``"cpu"`` in host RAM (written to
-            disk only when a Lightning checkpoint needs them for resuming).
+            disk only when a Lightning checkpoint needs them for resuming; the whole window's host memory is
+            reserved when training starts, so a window that does not fit fails then, not epochs later).
         validate_average: after every snapshot, run the validation loop on the current average (the newest
             snapshot included) and log its metrics as ``average/<metric>`` (e.g. ``average/val/acc``), for loggers
             and ``trainer.callback_metrics``. ``ModelCheckpoint``/``EarlyStopping`` keep monitoring the raw
@@ -519,6 +540,7 @@ class _CheckpointAveraging(_base.SoupCallback):
                 problem = _snapshot_mismatch(snapshot_dir, names, kept)
                 if problem is None:
                     self._store.adopt(names)  # nothing to rebuild: means are read at the end
+                    self._store.reserve(self.window, kept)
             if problem is not None:
                 self._close_store(raise_errors=False)
         _dist.raise_on_every_rank(trainer, problem)
