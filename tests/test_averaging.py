@@ -496,7 +496,6 @@ def test_ddp_two_processes(tmp_path: Path, free_port: int) -> None:
 def test_cpu_snapshots_use_the_window_reserved_at_the_start(tmp_path: Path) -> None:
     """`snapshots="cpu"`: the window's host memory is allocated (and touched) before training, so no snapshot pays
     for fresh pages on the training thread, and a window that does not fit fails before training."""
-
     template = {"w": torch.randn(64, 32), "b": torch.randn(32), "n": torch.tensor(3)}
     store = _SnapshotStore(tmp_path, "cpu", template)
     store.reserve(3, template)
