@@ -140,11 +140,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             files = sorted((Path(self.dirpath_for(trainer)) / "ingredients").glob("*.safetensors"))
             for repeat in range(args.repeats):
                 self.plain.append(self._plain_validations(trainer, candidates))
-                self.reads.append(self._read_all(files))
+                self.reads.append(self._read_floor(files))
                 if repeat + 1 < args.repeats:
                     self._offline_finish(trainer, pl_module)
 
-        def _read_all(self, files: list[Path]) -> tuple[float, float]:
+        def _read_floor(self, files: list[Path]) -> tuple[float, float]:
             """The other part of the floor: read every ingredient once (page cache warm, like the soup's reads)."""
             start, cpu = time.perf_counter(), time.process_time()
             for path in files:

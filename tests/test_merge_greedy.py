@@ -191,7 +191,7 @@ def test_into_builds_every_candidate_in_place_and_ends_holding_the_soup(conv_dty
     seen = []
 
     def evaluate(sd):
-        assert all(sd[k] is into[k] for k in into), "a candidate was not built in `into`"
+        assert all(sd[k].data_ptr() == ptrs[k] for k in into), "a candidate was not built in `into`"
         seen.append({k: v.clone() for k, v in sd.items()})
         return next(verdicts)
 
@@ -207,7 +207,7 @@ def test_into_builds_every_candidate_in_place_and_ends_holding_the_soup(conv_dty
             assert_rounded(cand[k], ref, mag, acc_of(items[0][k].dtype), key=k)
         for k in INT_KEYS:
             assert torch.equal(cand[k], items[0][k])
-    assert all(soup[k] is into[k] and into[k].data_ptr() == ptrs[k] for k in into)  # the soup is in `into`
+    assert all(soup[k].data_ptr() == into[k].data_ptr() == ptrs[k] for k in into)  # the soup is in `into`
     assert all(torch.equal(a[k], b[k]) for a, b in zip(items, before) for k in a)  # the inputs are untouched
     # The same decisions and soup as without `into`.
     verdicts = iter([10.0, -10.0, 10.0, -10.0])
@@ -235,7 +235,7 @@ def test_into_with_lora_pairs_holds_the_soups_pairs() -> None:
     # The pairs are the best rank-2 pairs for the mean ΔW (not the factors' means), as without `into`.
     assert recipe[-1]["lora_relative_error"] > 0
     for k in ("q.lora_A.default.weight", "q.lora_B.default.weight"):
-        assert soup[k] is into[k]
+        assert soup[k].data_ptr() == into[k].data_ptr()
         torch.testing.assert_close(into[k], plain[k], rtol=0, atol=0)
     ref = sum(sd["head.weight"].double() for sd in items) / 3
     torch.testing.assert_close(into["head.weight"].double(), ref, rtol=1e-6, atol=1e-6)
@@ -250,8 +250,24 @@ def test_into_must_fit_the_ingredients() -> None:
         "shape": {**good, key: torch.zeros(3, 3, 3)},
         "dtype": {**good, key: torch.zeros(items[0][key].shape, dtype=torch.int64)},
     }
-    for name, into in cases.items():
+    for into in cases.values():
         with pytest.raises(SoupError, match=r"`into`"):
             greedy_soup(items, lambda sd: 0.0, scores=[1.0, 0.0], into=into)
     with pytest.raises(SoupError, match=r"`into` must map keys"):
         greedy_soup(items, lambda sd: 0.0, scores=[1.0, 0.0], into=[torch.zeros(1)])
+
+
+def test_into_a_models_parameters_leaves_the_soup_in_the_model() -> None:
+    """`into` may be a module's own parameters (they require grad): the module ends up holding the soup."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3))
+    items = [{k: v.detach() + torch.randn(v.shape, generator=g) for k, v in model.state_dict().items()} for _ in range(3)]
+    verdicts = iter([1.0, -1.0])  # accept the second, reject the third
+    soup, recipe = greedy_soup(
+        items, lambda sd: next(verdicts), scores=[0.5, 0.4, 0.3], into=dict(model.named_parameters())
+    )
+    assert [r["accepted"] for r in recipe] == [True, True, False]
+    for k, p in model.named_parameters():
+        expected = (f64(items[0][k]) + f64(items[1][k])) / 2
+        torch.testing.assert_close(p.detach().double(), expected, rtol=1e-6, atol=1e-6)
+        assert p.requires_grad and soup[k].data_ptr() == p.data_ptr()

@@ -54,14 +54,15 @@ def greedy_soup(
             ``"max"`` mode). It gets a fresh dict it may keep; it must not modify the tensors in place.
         mode: ``"max"`` (accuracy) or ``"min"`` (loss).
         scores: the ingredients' own scores, one per ingredient; ``None`` evaluates each ingredient first.
-        into: tensors to build every candidate in, by key (e.g. a model's live parameters): each candidate's
-            floating tensors are written into ``into``'s, which ``evaluate`` then receives (it must not keep
-            them: the next candidate overwrites them), and at the end ``into`` holds the soup, which the returned
-            dict's floating entries are. Nothing is allocated per candidate and, for a model, nothing needs
-            copying into it. Any dtype and device; the ingredients' shapes. Where a target has the running sum's
-            dtype and device (float32 weights), the soup keeps a running mean instead, and each candidate is one
-            pass, ``lerp(mean, θ, 1/(k+1))``, written straight into the target; other tensors keep the float32
-            sum, whose next value goes into a reused buffer.
+        into: tensors to build every candidate in, by key (e.g. ``model.state_dict()`` or
+            ``dict(model.named_parameters())``): each candidate's floating tensors are written into ``into``'s
+            storage, which ``evaluate`` then receives (it must not keep them: the next candidate overwrites them),
+            and at the end ``into`` holds the soup, which the returned dict's floating entries view. Nothing is
+            allocated per candidate and, for a model, nothing needs copying into it. Any dtype and device; the
+            ingredients' shapes. Where a target has the running sum's dtype and device (float32 weights), the soup
+            keeps a running mean instead, and each candidate is one pass, ``lerp(mean, θ, 1/(k+1))``, written
+            straight into the target; other tensors keep the float32 sum, whose next value goes into a reused
+            buffer.
 
     Returns:
         ``(soup, recipe)``: the soup state dict (floating tensors in the best ingredient's dtypes, non-floating
@@ -259,4 +260,4 @@ def _check_into(into: Any, ref: Mapping[str, Tensor], keys: list[str]) -> dict[s
             f"`into` must hold a floating tensor of the ingredients' shape for each of their floating keys; "
             f"missing: {missing[:5] or 'none'}, wrong dtype or shape: {bad[:5] or 'none'}."
         )
-    return {k: into[k] for k in keys}
+    return {k: into[k].detach() for k in keys}  # same storage: parameters that require grad are written too
